@@ -1,0 +1,25 @@
+"""Exceptions raised by qlorafit.
+
+Every error says what was wrong, where (file, key, line) and what to do about it, so the
+command line can print the message as it is and a library user can catch one base class.
+"""
+
+
+class QlorafitError(Exception):
+    """Base class of every error qlorafit raises on bad input."""
+
+
+class QuantizationError(QlorafitError, ValueError):
+    """An invalid quantization setting or a quantized tensor that does not fit its state."""
+
+
+class ModelLoadError(QlorafitError):
+    """A model path that is missing, corrupt or of an unsupported kind."""
+
+
+class AdapterError(QlorafitError):
+    """A LoRA adapter that cannot be built, saved or loaded onto this model."""
+
+
+class TargetError(AdapterError):
+    """LoRA targets that match no layer of the model."""
