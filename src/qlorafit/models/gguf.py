@@ -189,18 +189,21 @@ def _vocab_size(reader: GGUFReader, path: Path, architecture: str) -> int:
 
 def _rope_parameters(reader: GGUFReader, path: Path, architecture: str) -> dict[str, Any]:
     """transformers' `rope_parameters` from llama.cpp's rope keys."""
-    key = functools.partial(lambda name, default: _metadata(reader, path, f"{architecture}.{name}", default))
-    parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": float(key("rope.freq_base", 10000.0))}
-    scaling = key("rope.scaling.type", None)
+
+    def key(name: str, default: Any = _MISSING) -> Any:
+        return _metadata(reader, path, f"{architecture}.rope.{name}", default)
+
+    parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": float(key("freq_base", 10000.0))}
+    scaling = key("scaling.type", None)
     if scaling in (None, "none"):
         return parameters
     if scaling == "linear":
-        return parameters | {"rope_type": "linear", "factor": float(key("rope.scaling.factor", None))}
+        return parameters | {"rope_type": "linear", "factor": float(key("scaling.factor"))}
     if scaling == "yarn":
         return parameters | {
             "rope_type": "yarn",
-            "factor": float(key("rope.scaling.factor", None)),
-            "original_max_position_embeddings": int(key("rope.scaling.original_context_length", None)),
+            "factor": float(key("scaling.factor")),
+            "original_max_position_embeddings": int(key("scaling.original_context_length")),
         }
     raise ModelLoadError(
         f"{path}: rope scaling {scaling!r} is not supported (only linear and yarn). "
@@ -323,7 +326,7 @@ def _dequantize_with_gguf(qtype: GGMLQuantizationType) -> Callable[[torch.Tensor
     return dequantize
 
 
-def dequantize_blocks(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
+def dequantize_gguf_data(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
     """The float32 values of GGUF tensor data `data` (its raw bytes, any shape) of type `qtype`, flat."""
     if qtype not in GGML_QUANT_SIZES:
         raise ModelLoadError(f"unknown GGML tensor type {qtype!r}")
@@ -345,7 +348,7 @@ def _dequantize_tensor(tensor: ReaderTensor, path: Path) -> torch.Tensor:
     """A GGUF tensor as float32 in torch order: GGUF lists dims innermost first, torch outermost first."""
     shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
     try:
-        values = dequantize_blocks(tensor.data, tensor.tensor_type)
+        values = dequantize_gguf_data(tensor.data, tensor.tensor_type)
     except NotImplementedError as exc:
         raise ModelLoadError(
             f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which cannot be dequantized "
@@ -420,6 +423,8 @@ def iter_gguf_tensors(
 
 def gguf_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerBase:
     """The tokenizer stored in the GGUF metadata at `path`, with its chat template and a pad token; offline."""
+    # the whole file is checked first (cheap once the config or tensors were read): a truncated
+    # file fails here rather than after a tokenizer was built from its intact metadata
     resolved, reader = _open_reader(path)
     try:
         # local_files_only: everything is in the file, so the hub is never asked
@@ -431,7 +436,7 @@ def gguf_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerBase:
             f"{resolved}: cannot build a tokenizer from the GGUF metadata ({type(exc).__name__}: {exc}). "
             "Load the tokenizer from the model's Hugging Face folder instead."
         ) from exc
-    if tokenizer.chat_template is None:
+    if tokenizer.chat_template is None:  # transformers reads it too; this covers versions that do not
         template = _metadata(reader, resolved, "tokenizer.chat_template", None)
         if template is not None:
             tokenizer.chat_template = template

@@ -1,0 +1,150 @@
+"""LoraLinear: a frozen linear layer plus a trainable low-rank update.
+
+    y = base(x) + s * B(A(dropout(x))),  A: (r, in) Kaiming-uniform, B: (out, r) zeros,
+    s = alpha / r  (rsLoRA: alpha / sqrt(r))
+
+The layer wraps the existing module and never learns its storage format: a base that is not
+a plain float linear layer only has to offer `dequantize(dtype)` returning its (out, in)
+weight. GPT-2's `Conv1D` keeps its weight as (in, out) and is handled by `_base_weight`.
+LoRA weights are always float32, whatever the base computes in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError
+
+try:  # GPT-2 style layers; transformers is a dependency, but keep the layer importable alone.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+
+def base_features(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a wrappable layer."""
+    if isinstance(base, Conv1D):
+        return base.weight.shape[0], base.nf
+    return base.in_features, base.out_features
+
+
+def is_wrappable(module: nn.Module) -> bool:
+    """True for the layer kinds LoRA can wrap: nn.Linear, Conv1D, anything with `dequantize()`."""
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return True
+    return callable(getattr(module, "dequantize", None)) and hasattr(module, "in_features")
+
+
+def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The base layer's weight as (out, in) in `dtype`."""
+    if isinstance(base, Conv1D):
+        return base.weight.detach().t().to(dtype)
+    if isinstance(base, nn.Linear):
+        return base.weight.detach().to(dtype)
+    return base.dequantize(dtype)
+
+
+class LoraLinear(nn.Module):
+    """A linear layer (float, Conv1D or 4-bit) with a trainable rank-`r` update."""
+
+    def __init__(
+        self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False
+    ) -> None:
+        super().__init__()
+        if not isinstance(r, int) or r <= 0:
+            raise AdapterError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        in_features, out_features = base_features(base)
+        self.base_layer = base
+        self.r = r
+        self.alpha = alpha
+        self.rslora = rslora
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = _device_of(base)
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
+        self.merged = False
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_base(cls, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> LoraLinear:
+        """Wrap `base` with a fresh adapter (B = 0, so the output is unchanged)."""
+        return cls(base, r, alpha, dropout, rslora)
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.out_features
+
+    def reset_lora_parameters(self) -> None:
+        """A Kaiming-uniform (a = sqrt(5), as nn.Linear and PEFT), B zeros."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        h = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        return out + (self.lora_B(self.lora_A(h)) * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B @ A as an (out, in) float32 tensor."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base weight plus the update, (out, in), computed in float32 and cast to `dtype`."""
+        weight = _base_weight(self.base_layer, torch.float32)
+        if not self.merged:
+            weight = weight + self.delta_weight().to(weight.device)
+        return weight.to(dtype)
+
+    def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+        """A plain `nn.Linear` computing what this layer computes (no dropout)."""
+        bias = getattr(self.base_layer, "bias", None)
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.merged_weight(dtype), requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        return linear
+
+    def merge(self) -> None:
+        """Fold the update into the base weight in place (a 4-bit base is re-quantized, lossy)."""
+        if not self.merged:
+            self._shift_base(self.delta_weight())
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo `merge()` (exact for float bases up to rounding; lossy again for 4-bit)."""
+        if self.merged:
+            self._shift_base(-self.delta_weight())
+            self.merged = False
+
+    def _shift_base(self, delta: torch.Tensor) -> None:
+        base = self.base_layer
+        with torch.no_grad():
+            if isinstance(base, Conv1D):
+                base.weight += delta.t().to(base.weight.dtype)
+            elif isinstance(base, nn.Linear):
+                base.weight += delta.to(base.weight.dtype)
+            elif hasattr(base, "requantize"):
+                base.requantize(base.dequantize(torch.float32) + delta)
+            else:
+                raise AdapterError(f"cannot merge into a {type(base).__name__}: it has no requantize()")
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}, merged={self.merged}"
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")

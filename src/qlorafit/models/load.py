@@ -1,0 +1,202 @@
+"""load_model: any causal LM checkpoint into a (quantized) transformers model, streamed.
+
+The model is built on the meta device; tensors are then read one at a time (safetensors
+memory maps, the GGUF reader) and each linear weight is quantized the moment it arrives, so
+the full-precision model never exists in memory. Folders saved with bitsandbytes 4-bit keys
+are taken as they are: their codes and scales are installed without re-quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+from ..lora.inject import _output_head_names, _set_submodule
+from ..lora.layer import Conv1D
+from ..quant.blockwise import check_4bit_settings
+from ..quant.linear4bit import Linear4bit
+from ..quant.state import QuantState, is_quant_state_key
+from .checkpoint import ModelSource, resolve_model, stream_safetensors
+from .meta import empty_model, meta_parameters, set_tensor
+from .numerics import resolve_compute_dtype, resolve_device
+
+logger = logging.getLogger(__name__)
+
+QUANT_CHOICES = ("nf4", "fp4", "none")
+
+
+def _quantizable(model: nn.Module) -> set[str]:
+    """Names of the layers to store in 4 bits: every linear layer but the output head."""
+    heads = _output_head_names(model)
+    return {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n not in heads}
+
+
+class _Streamer:
+    """Puts streamed tensors into an empty model, quantizing linear weights on arrival."""
+
+    def __init__(self, model: nn.Module, quant: str, double_quant: bool, blocksize: int, dtype: torch.dtype, device):
+        self.model, self.quant, self.dtype, self.device = model, quant, dtype, device
+        self.qkw = dict(quant_type=quant, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype)
+        self.targets = _quantizable(model) if quant != "none" else set()
+        self.buffers = {n for n, _ in model.named_buffers()}
+        self.names = {n for n, _ in model.named_parameters(remove_duplicate=False)} | self.buffers
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def _model_name(self, key: str) -> str | None:
+        if key in self.names:
+            return key
+        if self.prefix and f"{self.prefix}.{key}" in self.names:
+            return f"{self.prefix}.{key}"
+        return None
+
+    def put(self, key: str, tensor: torch.Tensor, source: str) -> None:
+        name = self._model_name(key)
+        if name is None:
+            logger.info("%s: ignoring tensor %s, which this model does not use", source, key)
+            return
+        module_name, _, attr = name.rpartition(".")
+        expected = None if name in self.buffers else self.model.get_parameter(name)
+        if expected is not None and tuple(expected.shape) != tuple(tensor.shape):
+            raise ModelLoadError(
+                f"{source}: tensor {key} has shape {tuple(tensor.shape)} but the model built from its config "
+                f"expects {tuple(expected.shape)}; the checkpoint and its config.json do not match"
+            )
+        tensor = tensor.to(self.device)
+        if tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        if module_name in self.targets:
+            self._put_quantized(module_name, attr, tensor)
+        else:
+            set_tensor(self.model, name, tensor)
+
+    def _put_quantized(self, module_name: str, attr: str, tensor: torch.Tensor) -> None:
+        module = self.model.get_submodule(module_name)
+        if attr == "bias":
+            if isinstance(module, Linear4bit):
+                module.bias = nn.Parameter(tensor, requires_grad=False)
+            else:
+                set_tensor(self.model, f"{module_name}.bias", tensor)
+            return
+        conv = isinstance(module, Conv1D)
+        weight = tensor.t() if conv else tensor  # Conv1D stores (in, out)
+        bias = module.bias if module.bias is not None and module.bias.device.type != "meta" else None
+        layer = Linear4bit.from_weight(weight, bias, **self.qkw)
+        if module.bias is not None and bias is None:
+            layer.bias = nn.Parameter(torch.empty(layer.out_features, device="meta"), requires_grad=False)
+        layer.conv1d_layout = conv
+        _set_submodule(self.model, module_name, layer)
+
+
+def _finish(model: nn.Module, source: str) -> nn.Module:
+    """Tie shared weights and make sure nothing was left unloaded."""
+    model.tie_weights()
+    missing = meta_parameters(model)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise ModelLoadError(f"{source}: the checkpoint lacks weights the model needs: {shown}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _load_bnb_modules(model: nn.Module, keys: dict[str, str], read, dtype: torch.dtype, device) -> set[str]:
+    """Install pre-quantized bitsandbytes layers; returns the keys consumed."""
+    used: set[str] = set()
+    for key in keys:
+        if ".weight.quant_state.bitsandbytes__" not in key:
+            continue
+        module_name = key.split(".weight.quant_state.")[0]
+        prefix = module_name + ".weight."
+        state_items = {k[len(prefix) :]: read(k) for k in keys if k.startswith(prefix) and is_quant_state_key(k)}
+        state = QuantState.from_dict(state_items, device=device)
+        packed = read(module_name + ".weight").to(device)
+        old = model.get_submodule(module_name)
+        out_features, in_features = state.shape
+        layer = Linear4bit(in_features, out_features, packed, state, None, dtype)
+        layer.conv1d_layout = isinstance(old, Conv1D)
+        if getattr(old, "bias", None) is not None:
+            layer.bias = nn.Parameter(read(module_name + ".bias").to(device, dtype), requires_grad=False)
+            used.add(module_name + ".bias")
+        _set_submodule(model, module_name, layer)
+        used |= {module_name + ".weight", *(prefix + k for k in state_items)}
+    return used
+
+
+def _stream_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, str]], streamer: _Streamer) -> None:
+    for key, tensor, source in tensors:
+        streamer.put(key, tensor, source)
+
+
+def load_model(
+    path: str | os.PathLike,
+    quant: str = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    compute_dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+) -> tuple[nn.Module, object]:
+    """Load a causal LM and its tokenizer, with linear layers stored as 4-bit (or not, quant="none").
+
+    `path` is a Hugging Face model folder (safetensors, single or sharded), a `.gguf` file, the
+    alias `smollm2-135m-instruct`, or a folder saved with bitsandbytes 4-bit weights.
+    """
+    if quant not in QUANT_CHOICES:
+        raise ModelLoadError(f"unknown quant {quant!r}: use one of {', '.join(QUANT_CHOICES)}")
+    if quant != "none":
+        check_4bit_settings(quant, blocksize)
+    device = resolve_device(device)
+    dtype = resolve_compute_dtype(compute_dtype, device)
+    source = resolve_model(path)
+    model = empty_model(source.config)
+    streamer = _Streamer(model, quant, double_quant, blocksize, dtype, device)
+    if source.kind == "bnb4bit":
+        _load_prequantized(model, source, streamer, dtype, device)
+    else:
+        _stream_into(model, source.tensors(), streamer)
+    model = _finish(model, str(source.path))
+    model.name_or_path = str(source.name)
+    model.qlorafit_source = source.describe(quant)
+    return model, source.tokenizer()
+
+
+def _load_prequantized(model: nn.Module, source: ModelSource, streamer: _Streamer, dtype, device) -> None:
+    keys = source.tensor_files()
+    cache: dict[str, torch.Tensor] = {}
+
+    def read(key: str) -> torch.Tensor:
+        if key not in keys:
+            raise ModelLoadError(f"{source.path}: 4-bit checkpoint is missing tensor {key}")
+        if key not in cache:
+            cache.update(_read_one(keys[key], key))
+        return cache.pop(key)
+
+    used = _load_bnb_modules(model, keys, read, dtype, device)
+    streamer.targets = set()  # everything else is stored as it is
+    rest = ((k, t, str(keys[k])) for k, t in _read_keys(keys, [k for k in keys if k not in used]))
+    _stream_into(model, rest, streamer)
+
+
+def _read_one(file: Path, key: str) -> dict[str, torch.Tensor]:
+    for k, t in stream_safetensors(file, [key]):
+        return {k: t}
+    return {}
+
+
+def _read_keys(keys: dict[str, Path], wanted: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    by_file: dict[Path, list[str]] = {}
+    for k in wanted:
+        by_file.setdefault(keys[k], []).append(k)
+    for file, names in by_file.items():
+        yield from stream_safetensors(file, names)
+
+
+def describe_loaded(model: nn.Module) -> str:
+    """A short, human-readable description of where the model came from and how it is stored."""
+    return json.dumps(getattr(model, "qlorafit_source", {}))
