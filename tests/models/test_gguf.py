@@ -94,14 +94,19 @@ def _llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def _write_gguf(path: Path, arch: str, metadata: dict, tensors: list[tuple[str, np.ndarray, Q]]) -> Path:
+def _write_gguf(
+    path: Path, arch: str, metadata: dict, tensors: list[tuple[str, np.ndarray, Q]], heads_as_text: bool = False
+) -> Path:
     """A GGUF file with llama.cpp's standard keys for `arch` plus a byte-level BPE tokenizer."""
     writer = gguf.GGUFWriter(str(path), arch)
+    if heads_as_text:  # a corrupt value: right key, wrong kind
+        writer.add_string(f"{arch}.attention.head_count", "four")
+    else:
+        writer.add_head_count(metadata["heads"])
     writer.add_block_count(metadata["layers"])
     writer.add_context_length(256)
     writer.add_embedding_length(metadata["hidden"])
     writer.add_feed_forward_length(metadata["intermediate"])
-    writer.add_head_count(metadata["heads"])
     writer.add_head_count_kv(metadata["kv_heads"])
     writer.add_rope_freq_base(metadata["rope_theta"])
     writer.add_layer_norm_rms_eps(1e-6)
@@ -314,8 +319,30 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
         assert "tiny-gpt2.gguf" in message and "llama" in message and "qwen2" in message
 
 
+def test_tensor_names_without_hf_counterpart(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    embedding = ("token_embd.weight", np.zeros((VOCAB, 64), np.float32), Q.F32)
+    rope_freqs = ("rope_freqs.weight", np.ones(8, np.float32), Q.F32)
+    path = _write_gguf(tmp_path / "rope-freqs.gguf", "llama", LLAMA, [embedding, rope_freqs])
+    with caplog.at_level("WARNING", logger="qlorafit.models.gguf"):
+        assert [name for name, _ in iter_gguf_tensors(path)] == ["model.embed_tokens.weight"]
+    assert "rope_freqs.weight" in caplog.text
+    unknown = ("blk.0.attn_q_norm.weight", np.ones(16, np.float32), Q.F32)
+    path = _write_gguf(tmp_path / "q-norm.gguf", "qwen2", QWEN2, [embedding, unknown])
+    with pytest.raises(ModelLoadError, match="'blk.0.attn_q_norm.weight'") as error:
+        iter_gguf_tensors(path)  # at the call, before any tensor is read
+    assert "q-norm.gguf" in str(error.value)
+
+
 # --------------------------------------------------------------------------------------------
 # Bad files
+
+
+def test_metadata_value_of_wrong_kind(tmp_path: Path) -> None:
+    embedding = ("token_embd.weight", np.zeros((VOCAB, 64), np.float32), Q.F32)
+    path = _write_gguf(tmp_path / "bad-heads.gguf", "llama", LLAMA, [embedding], heads_as_text=True)
+    with pytest.raises(ModelLoadError, match="corrupt") as error:
+        gguf_config(path)
+    assert "bad-heads.gguf" in str(error.value) and "four" in str(error.value)
 
 
 @pytest.mark.parametrize("cut", ["header", "tensor data"])

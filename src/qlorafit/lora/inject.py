@@ -50,6 +50,20 @@ def _matches(name: str, targets: str | Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _linear_layers(model: nn.Module) -> list[str]:
+    """Names of the linear layers (a LoraLinear counts as the layer it wraps, not its parts)."""
+    names, inside = [], ()
+    for name, module in model.named_modules():
+        if not name or name.startswith(inside):
+            continue
+        if isinstance(module, LoraLinear):
+            inside = (name + ".",)
+            names.append(name)
+        elif is_wrappable(module):
+            names.append(name)
+    return names
+
+
 def find_targets(model: nn.Module, targets: str | Sequence[str] = ALL_LINEAR) -> list[str]:
     """Full names of the layers `targets` selects; raises TargetError when there are none."""
     if isinstance(targets, str) and targets != ALL_LINEAR:
@@ -58,10 +72,7 @@ def find_targets(model: nn.Module, targets: str | Sequence[str] = ALL_LINEAR) ->
         except re.error as exc:
             raise TargetError(f"LoRA targets {targets!r} is not a valid regular expression: {exc}") from exc
     heads = _output_head_names(model)
-    candidates = [
-        name for name, module in model.named_modules() if name and is_wrappable(module) and not isinstance(module, LoraLinear)
-    ]
-    candidates = [n for n in candidates if not n.endswith(".base_layer") and ".lora_" not in n]
+    candidates = _linear_layers(model)
     if targets == ALL_LINEAR:
         chosen = [n for n in candidates if n not in heads]
     else:
@@ -97,7 +108,8 @@ def add_lora(
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        _set_submodule(model, name, LoraLinear.from_base(model.get_submodule(name), r, alpha, dropout, rslora))
+        layer = LoraLinear.from_base(model.get_submodule(name), r, alpha, dropout, rslora)
+        _set_submodule(model, name, layer.train(model.training))
     targets_saved = targets if isinstance(targets, str) else list(targets)
     model.lora_config = LoraConfig(r, alpha, dropout, targets_saved, rslora, wrapped=names)
     return model

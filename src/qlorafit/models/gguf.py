@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 # GGUF `general.architecture` -> the transformers config class its tensors fit.
 # Mistral files converted by llama.cpp say `llama`: same layers, same names, same Q/K permutation,
 # so they load as a LlamaConfig (GGUF does not record Mistral's sliding window).
-_CONFIG_CLASSES: dict[str, type[transformers.PreTrainedConfig]] = {
+_CONFIG_CLASSES: dict[str, type[transformers.PretrainedConfig]] = {
     "llama": transformers.LlamaConfig,
     "qwen2": transformers.Qwen2Config,
 }
@@ -65,8 +65,8 @@ _LAYER_TENSOR_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_TENSOR_RE = re.compile(r"(\w+)\.(weight|bias)")
 # Tensors llama.cpp writes that have no Hugging Face parameter.
 _IGNORED_TENSORS = {
-    "rope_freqs.weight": "llama 3 rope frequency factors; the config keeps default rope, so "
-    "outputs can differ from llama.cpp's",
+    "rope_freqs.weight": "Llama 3 rope frequency factors, which the config does not carry: the model "
+    "runs with unscaled rope, so its outputs differ somewhat from llama.cpp's",
 }
 
 # Elements dequantized per step: bounds the temporaries to a few times 16 MB on any tensor size.
@@ -211,8 +211,19 @@ def _rope_parameters(reader: GGUFReader, path: Path, architecture: str) -> dict[
     )
 
 
-def _config_from_reader(reader: GGUFReader, path: Path) -> transformers.PreTrainedConfig:
+def _config_from_reader(reader: GGUFReader, path: Path) -> transformers.PretrainedConfig:
     architecture = _architecture(reader, path)
+    try:
+        return _CONFIG_CLASSES[architecture](**_config_kwargs(reader, path, architecture))
+    except (TypeError, ValueError) as exc:  # a value of the wrong kind under a known key
+        raise ModelLoadError(
+            f"{path}: the GGUF metadata does not describe a valid {architecture} model ({exc}). "
+            "The file is corrupt: re-download it or re-convert it."
+        ) from exc
+
+
+def _config_kwargs(reader: GGUFReader, path: Path, architecture: str) -> dict[str, Any]:
+    """The config class's arguments, from llama.cpp's metadata keys."""
 
     def key(name: str, default: Any = _MISSING) -> Any:
         return _metadata(reader, path, f"{architecture}.{name}", default)
@@ -237,7 +248,7 @@ def _config_from_reader(reader: GGUFReader, path: Path) -> transformers.PreTrain
         "pad_token_id": _metadata(reader, path, "tokenizer.ggml.padding_token_id", None),
         "dtype": torch.float32,
     }
-    # the per-head width, where it is not hidden_size / heads (Mistral Nemo, Qwen3-style files)
+    # the per-head width, where it is not hidden_size / heads (Mistral Nemo, for one)
     head_dim = key("attention.key_length", None)
     if architecture == "llama":
         # llama rotates the whole head, so the rotary width is the head width
@@ -246,10 +257,10 @@ def _config_from_reader(reader: GGUFReader, path: Path) -> transformers.PreTrain
         kwargs["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_names
     if head_dim is not None:
         kwargs["head_dim"] = int(head_dim)
-    return _CONFIG_CLASSES[architecture](**kwargs)
+    return kwargs
 
 
-def gguf_config(path: str | Path) -> transformers.PreTrainedConfig:
+def gguf_config(path: str | Path) -> transformers.PretrainedConfig:
     """The transformers config of the GGUF model at `path`, built from its metadata (float32)."""
     resolved, reader = _open_reader(path)
     return _config_from_reader(reader, resolved)
@@ -387,34 +398,33 @@ def unpermute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _convert_tensors(
-    reader: GGUFReader, path: Path, architecture: str, config: transformers.PreTrainedConfig
+    named: list[tuple[ReaderTensor, str]], path: Path, architecture: str, config: transformers.PretrainedConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
     permuted_heads = {}
     if architecture in _PERMUTED_QK_ARCHITECTURES:
         permuted_heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    for tensor in reader.tensors:
-        name = _hf_name(tensor.name, path)
-        if name is None:
-            continue
+    for tensor, name in named:
         weight = _dequantize_tensor(tensor, path)
         kind = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None
-        if kind in permuted_heads:
+        if kind in permuted_heads:  # weights and biases alike: llama.cpp permuted both
             weight = unpermute_rotary(weight, permuted_heads[kind])
         logger.debug("%s: %s (%s) -> %s %s", path, tensor.name, tensor.tensor_type.name, name, tuple(weight.shape))
         yield name, weight
 
 
 def iter_gguf_tensors(
-    path: str | Path, config: transformers.PreTrainedConfig | None = None
+    path: str | Path, config: transformers.PretrainedConfig | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF parameter name, float32 tensor in HF shape) for the GGUF model at `path`, one at a time."""
-    # Not a generator itself: a missing or corrupt file raises here, at the call.
+    # Not a generator itself: a missing, corrupt or unsupported file raises here, at the call,
+    # before any tensor is read.
     resolved, reader = _open_reader(path)
     architecture = _architecture(reader, resolved)
     if config is None:
         config = _config_from_reader(reader, resolved)
-    logger.info("%s: reading %d %s tensors", resolved, len(reader.tensors), architecture)
-    return _convert_tensors(reader, resolved, architecture, config)
+    named = [(tensor, name) for tensor in reader.tensors if (name := _hf_name(tensor.name, resolved))]
+    logger.info("%s: reading %d %s tensors", resolved, len(named), architecture)
+    return _convert_tensors(named, resolved, architecture, config)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,316 @@
+"""Model loading time and peak memory: qlorafit vs transformers (and transformers + bitsandbytes).
+
+Writes a randomly initialised Llama checkpoint (TinyLlama-1.1B shape by default, `--small` for
+a ~100M model) as sharded bfloat16 safetensors under bench/out/, reusing it if present. Then each
+loader runs in a fresh subprocess, so its peak RSS is its own:
+
+- ours-nf4:  qlorafit.load_model(dir, quant="nf4")        (streams, quantizes on arrival)
+- ours-none: qlorafit.load_model(dir, quant="none")       (float32)
+- hf-fp32:   AutoModelForCausalLM.from_pretrained(dir, dtype=torch.float32)
+- hf-bnb-nf4: the same with BitsAndBytesConfig(load_in_4bit=True, nf4, double quant, fp32 compute)
+
+Each subprocess reports its RSS after imports (baseline), the wall time of the load, the peak
+RSS (kernel high-water mark from getrusage, and a psutil sampler that also tracks anonymous vs
+file-backed memory), and the bytes the loaded model holds (parameters + buffers + 4-bit states).
+
+    .venv/bin/python bench/bench_load.py [--small]    # prints a markdown table
+    -> bench/out/load.json (load-small.json with --small)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "out"
+MiB = 1024 * 1024
+
+SHAPES = {
+    # TinyLlama-1.1B: 1.10e9 parameters
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),
+    # ~100M parameters, for smoke tests
+    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+                  num_key_value_heads=4, vocab_size=32000),
+}
+METHODS = ("ours-nf4", "ours-none", "hf-fp32", "hf-bnb-nf4")
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def _layer_tensors(i: int, c: dict, gen) -> dict:
+    import torch
+
+    h, f = c["hidden_size"], c["intermediate_size"]
+    kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
+    shapes = {
+        "self_attn.q_proj.weight": (h, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, h),
+        "mlp.gate_proj.weight": (f, h),
+        "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
+    }
+    out = {f"model.layers.{i}.{k}": _randn(s, gen) for k, s in shapes.items()}
+    out[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+    out[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+    return out
+
+
+def _randn(shape, gen):
+    import torch
+
+    return (torch.randn(shape, generator=gen, dtype=torch.float32) * 0.02).to(torch.bfloat16)
+
+
+def write_checkpoint(path: Path, shape: str) -> None:
+    """Write a random Llama as bf16 safetensors, one shard per decoder layer (never whole in memory)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    c = SHAPES[shape]
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = LlamaConfig(**c, max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16")
+    config.architectures = ["LlamaForCausalLM"]
+    config.to_json_file(tmp / "config.json")
+
+    gen = torch.Generator().manual_seed(0)
+    n_shards = c["num_hidden_layers"] + 1
+    weight_map, total = {}, 0
+
+    def save(i: int, tensors: dict) -> None:
+        nonlocal total
+        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+        for k, t in tensors.items():
+            weight_map[k] = name
+            total += t.numel() * t.element_size()
+
+    h, v = c["hidden_size"], c["vocab_size"]
+    save(0, {"model.embed_tokens.weight": _randn((v, h), gen), "lm_head.weight": _randn((v, h), gen),
+             "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)})
+    for i in range(c["num_hidden_layers"]):
+        save(i + 1, _layer_tensors(i, c, gen))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def ensure_checkpoint(shape: str) -> tuple[Path, bool]:
+    path = OUT / f"llama-{shape}-bf16"
+    if (path / "model.safetensors.index.json").is_file():
+        return path, False
+    write_checkpoint(path, shape)
+    return path, True
+
+
+# --------------------------------------------------------------------------- worker (one load)
+
+
+class RssSampler(threading.Thread):
+    """Polls /proc/self/status (what psutil reads) for peak total, anonymous and file-backed RSS."""
+
+    def __init__(self, interval: float = 0.005):
+        super().__init__(daemon=True)
+        self.interval, self.stop, self.peak = interval, threading.Event(), {"rss": 0, "anon": 0, "file": 0}
+
+    @staticmethod
+    def read() -> dict:
+        vals = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "RssAnon", "RssFile"):
+                    vals[key] = int(rest.split()[0]) * 1024
+        return {"rss": vals["VmRSS"], "anon": vals["RssAnon"], "file": vals["RssFile"]}
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for k, v in self.read().items():
+                self.peak[k] = max(self.peak[k], v)
+            time.sleep(self.interval)
+
+
+def model_bytes(model) -> dict:
+    """Bytes held by parameters + buffers (each storage once) + 4-bit quant states."""
+    seen, tensor_bytes, state_bytes = set(), 0, 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        tensor_bytes += t.numel() * t.element_size()
+    for m in model.modules():
+        state = getattr(m, "quant_state", None)  # qlorafit Linear4bit
+        if state is None:
+            state = getattr(getattr(m, "weight", None), "quant_state", None)  # bitsandbytes Params4bit
+        if state is not None:
+            state_bytes += _state_bytes(state)
+    return {"tensor_bytes": tensor_bytes, "quant_state_bytes": state_bytes, "total_bytes": tensor_bytes + state_bytes}
+
+
+def _state_bytes(state) -> int:
+    if hasattr(state, "nbytes"):
+        return state.nbytes()
+    total = state.absmax.nbytes + state.code.nbytes
+    if getattr(state, "state2", None) is not None:
+        total += _state_bytes(state.state2) + 4  # + the float32 offset
+    return total
+
+
+def worker(method: str, path: str) -> dict:
+    import psutil
+    import torch
+    import transformers
+
+    import qlorafit
+
+    proc = psutil.Process()
+    base_rss = proc.memory_info().rss
+    base_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sampler = RssSampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    if method == "ours-nf4":
+        model, _ = qlorafit.load_model(path, quant="nf4")
+    elif method == "ours-none":
+        model, _ = qlorafit.load_model(path, quant="none")
+    elif method == "hf-fp32":
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    elif method == "hf-bnb-nf4":
+        cfg = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, quantization_config=cfg, device_map="cpu"
+        )
+    else:
+        raise SystemExit(f"unknown method {method}")
+    wall = time.perf_counter() - t0
+    sampler.stop.set()
+    sampler.join()
+    peak_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    end = RssSampler.read()
+    for k, v in end.items():  # the sampler may have missed the last moments
+        sampler.peak[k] = max(sampler.peak[k], v)
+    sizes = model_bytes(model)
+    # A forward pass on 8 tokens proves the loaded model works (not timed).
+    with torch.no_grad():
+        logits = model(torch.arange(8).view(1, 8)).logits
+    return {
+        "method": method,
+        "wall_s": wall,
+        "baseline_rss": base_rss,
+        "baseline_maxrss": base_maxrss,
+        "peak_maxrss": peak_maxrss,
+        "peak_rss_psutil": sampler.peak["rss"],
+        "peak_anon_psutil": sampler.peak["anon"],
+        "peak_file_psutil": sampler.peak["file"],
+        "rss_after_load": end["rss"],
+        "n_params": sum(p.numel() for p in model.parameters()),
+        **sizes,
+        "forward_ok": bool(torch.isfinite(logits).all()),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_one(method: str, path: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--dir", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+        return {"method": method, "error": "\n".join(tail)}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def markdown(rows: list[dict], info: dict) -> str:
+    lines = [
+        f"{info['shape']} Llama ({info['n_params'] / 1e9:.2f}B params), bf16 safetensors on disk "
+        f"({info['disk_bytes'] / 2**30:.2f} GiB, {info['n_shards']} shards, page cache warm), CPU, "
+        f"torch threads = {info['torch_threads']}. MiB = 2^20 bytes.",
+        "",
+        "| loader | wall s | baseline RSS MiB | peak RSS - baseline MiB (ru_maxrss) | peak anon MiB (psutil) "
+        "| RSS after load - baseline MiB | model size MiB | peak delta / model size |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            first = r["error"].splitlines()[-1] if r["error"] else "failed"
+            lines.append(f"| {r['method']} | failed: {first} | | | | | | |")
+            continue
+        delta = r["peak_maxrss"] - r["baseline_rss"]
+        lines.append(
+            f"| {r['method']} | {r['wall_s']:.1f} | {r['baseline_rss'] / MiB:.0f} | {delta / MiB:.0f} "
+            f"| {r['peak_anon_psutil'] / MiB:.0f} | {(r['rss_after_load'] - r['baseline_rss']) / MiB:.0f} "
+            f"| {r['total_bytes'] / MiB:.0f} | {delta / r['total_bytes']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="a ~100M-parameter model instead of 1.1B")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.dir)))
+        return
+
+    shape = "small" if args.small else "1b"
+    t0 = time.perf_counter()
+    path, written = ensure_checkpoint(shape)
+    write_s = time.perf_counter() - t0
+    shards = sorted(path.glob("*.safetensors"))
+    for f in shards:  # read every shard once so no loader pays for a cold page cache
+        with open(f, "rb") as fh:
+            while fh.read(64 * MiB):
+                pass
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    c = SHAPES[shape]
+    rows = [run_one(m, path) for m in args.methods.split(",")]
+    ok = [r for r in rows if "error" not in r]
+    info = {
+        "shape": "TinyLlama-1.1B-shape" if shape == "1b" else "small (~100M)",
+        "config": c,
+        "checkpoint": str(path),
+        "checkpoint_written_now": written,
+        "checkpoint_write_s": write_s if written else None,
+        "disk_dtype": "bfloat16",
+        "disk_bytes": index["metadata"]["total_size"],
+        "n_shards": len(shards),
+        "n_params": index["metadata"]["total_size"] // 2,
+        "torch_threads": ok[0]["torch_threads"] if ok else None,
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+    }
+    print(markdown(rows, info))
+    for r in rows:
+        if "error" in r:
+            print(f"\n{r['method']} failed:\n{r['error']}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    out = OUT / ("load-small.json" if args.small else "load.json")
+    out.write_text(json.dumps({"info": info, "results": rows}, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

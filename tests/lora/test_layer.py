@@ -1,0 +1,104 @@
+"""LoraLinear on float, Conv1D and 4-bit bases: init, forward, scaling, merge/unmerge."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from qlorafit.errors import AdapterError
+from qlorafit.lora.layer import LoraLinear
+from qlorafit.quant.linear4bit import Linear4bit
+
+
+def _bases():
+    torch.manual_seed(0)
+    conv = Conv1D(24, 40)  # nf=24 outputs, nx=40 inputs
+    nn.init.normal_(conv.weight)
+    return {
+        "linear": nn.Linear(40, 24),
+        "conv1d": conv,
+        "linear4bit": Linear4bit.from_linear(nn.Linear(40, 24)),
+    }
+
+
+def _dense_weight(base):
+    if isinstance(base, Conv1D):
+        return base.weight.t()
+    if isinstance(base, Linear4bit):
+        return base.dequantize()
+    return base.weight
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "linear4bit"])
+def test_fresh_adapter_changes_nothing_and_is_float32(kind):
+    base = _bases()[kind]
+    x = torch.randn(3, 40)
+    expected = base(x)
+    layer = LoraLinear.from_base(base, r=4, alpha=8)
+    assert torch.equal(layer(x), expected)
+    assert layer.lora_A.weight.dtype == torch.float32 and layer.lora_B.weight.dtype == torch.float32
+    assert layer.lora_A.weight.shape == (4, 40) and layer.lora_B.weight.shape == (24, 4)
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+    bound = 1 / math.sqrt(40)  # kaiming_uniform(a=sqrt(5)) bound for fan_in 40
+    assert layer.lora_A.weight.abs().max() <= bound and layer.lora_A.weight.std() > bound / 4
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "linear4bit"])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_forward_is_base_plus_scaled_update(kind, rslora):
+    base = _bases()[kind]
+    layer = LoraLinear.from_base(base, r=4, alpha=8, rslora=rslora)
+    nn.init.normal_(layer.lora_B.weight)
+    scale = 8 / math.sqrt(4) if rslora else 8 / 4
+    assert layer.scaling == scale
+    x = torch.randn(2, 3, 40)
+    w = _dense_weight(base)
+    bias = base.bias
+    expected = F.linear(x, w, bias) + scale * (x @ layer.lora_A.weight.t() @ layer.lora_B.weight.t())
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_merge_unmerge_round_trip(kind):
+    base = _bases()[kind]
+    layer = LoraLinear.from_base(base, r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 40)
+    before = layer(x)
+    w0 = _dense_weight(base).detach().clone()
+    layer.merge()
+    assert layer.merged
+    assert torch.allclose(layer(x), before, atol=1e-5)
+    layer.unmerge()
+    assert torch.allclose(_dense_weight(base), w0, atol=1e-6)
+    assert torch.allclose(layer(x), before, atol=1e-5)
+
+
+def test_merge_into_4bit_requantizes_close_to_the_sum():
+    base = _bases()["linear4bit"]
+    layer = LoraLinear.from_base(base, r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight, std=0.01)
+    exact = layer.merged_weight()
+    layer.merge()
+    err = (base.dequantize() - exact).abs().max()
+    assert err < exact.abs().max() * 0.2  # 4-bit rounding, not a wrong merge
+
+
+def test_dropout_is_used_in_training_only():
+    layer = LoraLinear.from_base(nn.Linear(40, 24), r=4, alpha=8, dropout=0.5)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(64, 40)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+def test_bad_rank_or_dropout():
+    with pytest.raises(AdapterError, match="positive integer"):
+        LoraLinear.from_base(nn.Linear(4, 4), r=0, alpha=1)
+    with pytest.raises(AdapterError, match="dropout"):
+        LoraLinear.from_base(nn.Linear(4, 4), r=2, alpha=1, dropout=1.5)
