@@ -20,6 +20,7 @@ file-backed memory), and the bytes the loaded model holds (parameters + buffers 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -30,8 +31,11 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 OUT = Path(__file__).resolve().parent / "out"
 MiB = 1024 * 1024
+_PROC = psutil.Process()
 
 SHAPES = {
     # TinyLlama-1.1B: 1.10e9 parameters
@@ -114,7 +118,9 @@ def ensure_checkpoint(shape: str) -> tuple[Path, bool]:
     path = OUT / f"llama-{shape}-bf16"
     if (path / "model.safetensors.index.json").is_file():
         return path, False
-    write_checkpoint(path, shape)
+    # In a subprocess: the driver must stay small, because a child's ru_maxrss starts from the
+    # parent's RSS at fork/exec time.
+    subprocess.run([sys.executable, __file__, "--write-checkpoint", shape, "--dir", str(path)], check=True)
     return path, True
 
 
@@ -122,7 +128,7 @@ def ensure_checkpoint(shape: str) -> tuple[Path, bool]:
 
 
 class RssSampler(threading.Thread):
-    """Polls /proc/self/status (what psutil reads) for peak total, anonymous and file-backed RSS."""
+    """Polls psutil's RSS, and /proc/self/status for anonymous and file-backed RSS, keeping the peaks."""
 
     def __init__(self, interval: float = 0.005):
         super().__init__(daemon=True)
@@ -130,19 +136,32 @@ class RssSampler(threading.Thread):
 
     @staticmethod
     def read() -> dict:
-        vals = {}
+        vals = {"VmRSS": _PROC.memory_info().rss}
         with open("/proc/self/status") as f:
             for line in f:
                 key, _, rest = line.partition(":")
-                if key in ("VmRSS", "RssAnon", "RssFile"):
+                if key in ("VmHWM", "RssAnon", "RssFile"):
                     vals[key] = int(rest.split()[0]) * 1024
-        return {"rss": vals["VmRSS"], "anon": vals["RssAnon"], "file": vals["RssFile"]}
+        return {"rss": vals["VmRSS"], "hwm": vals["VmHWM"], "anon": vals["RssAnon"], "file": vals["RssFile"]}
 
     def run(self) -> None:
         while not self.stop.is_set():
-            for k, v in self.read().items():
-                self.peak[k] = max(self.peak[k], v)
+            self.update(self.read())
             time.sleep(self.interval)
+
+    def update(self, now: dict) -> None:
+        for k in self.peak:
+            self.peak[k] = max(self.peak[k], now[k])
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so it measures from now on; False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def model_bytes(model) -> dict:
@@ -173,15 +192,15 @@ def _state_bytes(state) -> int:
 
 
 def worker(method: str, path: str) -> dict:
-    import psutil
     import torch
     import transformers
 
     import qlorafit
 
-    proc = psutil.Process()
-    base_rss = proc.memory_info().rss
+    base_rss = _PROC.memory_info().rss
     base_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    hwm_reset = reset_peak_rss()
+    base = RssSampler.read()
     sampler = RssSampler()
     sampler.start()
     t0 = time.perf_counter()
@@ -206,9 +225,11 @@ def worker(method: str, path: str) -> dict:
     sampler.join()
     peak_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     end = RssSampler.read()
-    for k, v in end.items():  # the sampler may have missed the last moments
-        sampler.peak[k] = max(sampler.peak[k], v)
+    sampler.update(end)  # the sampler may have missed the last moments
     sizes = model_bytes(model)
+    # How much of the RSS after load is memory glibc keeps after it was freed (not live data).
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trimmed = RssSampler.read()
     # A forward pass on 8 tokens proves the loaded model works (not timed).
     with torch.no_grad():
         logits = model(torch.arange(8).view(1, 8)).logits
@@ -216,12 +237,18 @@ def worker(method: str, path: str) -> dict:
         "method": method,
         "wall_s": wall,
         "baseline_rss": base_rss,
+        "baseline_anon": base["anon"],
+        "baseline_file": base["file"],
         "baseline_maxrss": base_maxrss,
+        "hwm_reset_after_imports": hwm_reset,
+        "peak_hwm": end["hwm"],
         "peak_maxrss": peak_maxrss,
         "peak_rss_psutil": sampler.peak["rss"],
         "peak_anon_psutil": sampler.peak["anon"],
         "peak_file_psutil": sampler.peak["file"],
         "rss_after_load": end["rss"],
+        "anon_after_load": end["anon"],
+        "rss_after_malloc_trim": trimmed["rss"],
         "n_params": sum(p.numel() for p in model.parameters()),
         **sizes,
         "forward_ok": bool(torch.isfinite(logits).all()),
@@ -244,22 +271,25 @@ def run_one(method: str, path: Path) -> dict:
 def markdown(rows: list[dict], info: dict) -> str:
     lines = [
         f"{info['shape']} Llama ({info['n_params'] / 1e9:.2f}B params), bf16 safetensors on disk "
-        f"({info['disk_bytes'] / 2**30:.2f} GiB, {info['n_shards']} shards, page cache warm), CPU, "
-        f"torch threads = {info['torch_threads']}. MiB = 2^20 bytes.",
+        f"({info['disk_bytes'] / 2**30:.2f} GiB, {info['n_shards']} shards, page cache warm), loaded to float32 "
+        f"on the CPU, torch threads = {info['torch_threads']}. MiB = 2^20 bytes; deltas are over the RSS after imports.",
         "",
-        "| loader | wall s | baseline RSS MiB | peak RSS - baseline MiB (ru_maxrss) | peak anon MiB (psutil) "
-        "| RSS after load - baseline MiB | model size MiB | peak delta / model size |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| loader | wall s | RSS after imports MiB | peak RSS delta MiB (VmHWM) | peak RSS delta MiB (ru_maxrss) "
+        "| peak anon delta MiB (sampled) | RSS delta after load MiB | same after malloc_trim MiB | model size MiB "
+        "| peak delta / model size |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            first = r["error"].splitlines()[-1] if r["error"] else "failed"
-            lines.append(f"| {r['method']} | failed: {first} | | | | | | |")
+            last = r["error"].splitlines()[-1] if r["error"] else "failed"
+            lines.append(f"| {r['method']} | failed: {last} | | | | | | | | |")
             continue
-        delta = r["peak_maxrss"] - r["baseline_rss"]
+        base = r["baseline_rss"]
+        delta = r["peak_hwm"] - base
         lines.append(
-            f"| {r['method']} | {r['wall_s']:.1f} | {r['baseline_rss'] / MiB:.0f} | {delta / MiB:.0f} "
-            f"| {r['peak_anon_psutil'] / MiB:.0f} | {(r['rss_after_load'] - r['baseline_rss']) / MiB:.0f} "
+            f"| {r['method']} | {r['wall_s']:.1f} | {base / MiB:.0f} | {delta / MiB:.0f} "
+            f"| {(r['peak_maxrss'] - base) / MiB:.0f} | {(r['peak_anon_psutil'] - r['baseline_anon']) / MiB:.0f} "
+            f"| {(r['rss_after_load'] - base) / MiB:.0f} | {(r['rss_after_malloc_trim'] - base) / MiB:.0f} "
             f"| {r['total_bytes'] / MiB:.0f} | {delta / r['total_bytes']:.2f} |"
         )
     return "\n".join(lines)
@@ -270,8 +300,12 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="a ~100M-parameter model instead of 1.1B")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--write-checkpoint", choices=sorted(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write_checkpoint:
+        write_checkpoint(Path(args.dir), args.write_checkpoint)
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.dir)))
         return
