@@ -23,6 +23,7 @@ from .codebooks import (
     code_4bit,
     dynamic_map,
     pair_table_4bit,
+    quad_table_4bit,
     quantize_bounds_4bit,
 )
 from .state import QuantState
@@ -103,13 +104,30 @@ def block_scales(state: QuantState) -> torch.Tensor:
     return (dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
 
 
-def dequantize_4bit(
-    packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def _decode_codes(packed: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """Code-book values of every nibble, high nibble first: (2 * bytes,) float32.
+
+    Pairs of bytes are read as uint16 and looked up in a (65536, 4) table, so one gather
+    yields four values; an odd last byte goes through the (256, 2) table.
+    """
+    codes = packed.reshape(-1)
+    if codes.dtype != torch.uint8:
+        codes = codes.view(torch.uint8)
+    nbytes = codes.numel()
+    out = torch.empty(2 * nbytes, dtype=torch.float32, device=codes.device)
+    even = nbytes - nbytes % 2
+    if even:
+        words = codes[:even].view(torch.uint16).int()
+        torch.index_select(quad_table_4bit(quant_type, codes.device), 0, words, out=out[: 2 * even].view(-1, 4))
+    if even != nbytes:
+        out[2 * even :] = pair_table_4bit(quant_type, codes.device)[codes[even:].int()].view(-1)
+    return out
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Decode packed 4-bit codes to a tensor of `state.shape` in `dtype` (default `state.dtype`).
 
-    Vectorised: each byte is looked up in a (256, 2) table of value pairs, then every block
-    is scaled in place. Values are computed in float32, then cast, like bitsandbytes.
+    Values are scaled per block in float32 and rounded once into `dtype`, like bitsandbytes.
     """
     dtype = dtype or state.dtype
     n = state.shape.numel()
@@ -119,19 +137,14 @@ def dequantize_4bit(
             f"{tuple(state.shape)} needs {n}"
         )
     scales = block_scales(state)
-    table = pair_table_4bit(state.quant_type, packed.device)
-    codes = packed.reshape(-1)
-    if codes.dtype != torch.uint8:
-        codes = codes.view(torch.uint8)
-    values = table[codes.int()].view(-1)[:n]  # (2 * bytes,) float32, high nibble first
+    values = _decode_codes(packed, state.quant_type)[:n]
+    out = values if dtype == torch.float32 else torch.empty(n, dtype=dtype, device=values.device)
     blocks, tail = _split_blocks(values, state.blocksize)
-    blocks.mul_(scales[: blocks.shape[0]].view(-1, 1))
+    out_blocks, out_tail = _split_blocks(out, state.blocksize)
+    torch.mul(blocks, scales[: blocks.shape[0]].view(-1, 1), out=out_blocks)
     if tail.numel():
-        tail.mul_(scales[blocks.shape[0]])
-    values = values.view(state.shape)
-    if out is not None:
-        return out.copy_(values)
-    return values if dtype == torch.float32 else values.to(dtype)
+        torch.mul(tail, scales[blocks.shape[0]], out=out_tail)
+    return out.view(state.shape)
 
 
 _LUT_SIZE = 65536

@@ -8,6 +8,7 @@ bitsandbytes uses, to the last bit, so files move between the two libraries unch
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -104,3 +105,17 @@ def _pair_table_cpu(quant_type: str) -> torch.Tensor:
 def pair_table_4bit(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """A (256, 2) table giving both code values of every packed byte (high nibble first)."""
     return _pair_table_cpu(quant_type).to(device)
+
+
+@functools.cache
+def _quad_table_cpu(quant_type: str) -> torch.Tensor:
+    code = _code_4bit_cpu(quant_type)
+    word = torch.arange(65536)
+    # Two packed bytes read as one native-endian uint16: find which byte comes first in memory.
+    first, second = (word & 0xFF, word >> 8) if sys.byteorder == "little" else (word >> 8, word & 0xFF)
+    return torch.stack([code[first >> 4], code[first & 0xF], code[second >> 4], code[second & 0xF]], 1).contiguous()
+
+
+def quad_table_4bit(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A (65536, 4) table giving the four code values of every pair of packed bytes (1 MiB)."""
+    return _quad_table_cpu(quant_type).to(device)
