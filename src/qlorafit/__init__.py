@@ -2,6 +2,7 @@
 
 from .errors import AdapterError, ModelLoadError, QlorafitError, QuantizationError, TargetError
 from .export.merged import save_merged
+from .export.quantized import save_quantized
 from .lora.inject import LoraConfig, add_lora, lora_summary, parameter_counts
 from .lora.layer import LoraLinear
 from .lora.merge import merge_lora
@@ -35,4 +36,5 @@ __all__ = [
     "quantize_blockwise",
     "save_adapter",
     "save_merged",
+    "save_quantized",
 ]

@@ -201,7 +201,7 @@ def quantize_blockwise(
     scaled = torch.nan_to_num(scaled.view(-1), nan=-1.0).clamp_(-1.0, 1.0)
     grid = ((scaled + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int32)
     idx = table.to(x.device)[grid]
-    state = QuantState(absmax=absmax, code=code.to(x.device), blocksize=blocksize, dtype=x.dtype)
+    state = QuantState(absmax=absmax, code=code.to(x.device, copy=True), blocksize=blocksize, dtype=x.dtype)
     return idx.view(x.shape), state
 
 

@@ -50,8 +50,8 @@ def _code_4bit_cpu(quant_type: str) -> torch.Tensor:
 
 
 def code_4bit(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16 values of a 4-bit code book ("nf4" or "fp4") as float32 on `device`."""
-    return _code_4bit_cpu(quant_type).to(device)
+    """The 16 values of a 4-bit code book ("nf4" or "fp4") as a new float32 tensor on `device`."""
+    return _code_4bit_cpu(quant_type).to(device, copy=True)
 
 
 @functools.cache
