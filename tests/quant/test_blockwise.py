@@ -86,3 +86,15 @@ def test_bad_settings_raise_clear_errors():
     packed, state = quantize_4bit(w)
     with pytest.raises(QuantizationError, match="needs 4096"):
         dequantize_4bit(packed[:100], state)
+
+
+def test_chunked_quantization_gives_the_same_bytes(monkeypatch):
+    import qlorafit.quant.blockwise as blockwise
+
+    monkeypatch.setattr(blockwise, "_QUANT_CHUNK", 4096)  # many chunks, each a whole number of blocks
+    for shape, blocksize in [((3, 4097), 64), ((64, 8192), 4096), ((577, 131), 128)]:
+        w = _weights(shape, torch.bfloat16)
+        ref_packed, ref = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=True, quant_type="fp4")
+        packed, state = blockwise.quantize_4bit(w, "fp4", blocksize, True)
+        assert torch.equal(packed, ref_packed)
+        assert torch.equal(state.state2.absmax, ref.state2.absmax) and torch.equal(state.absmax, ref.absmax)

@@ -8,6 +8,7 @@ are taken as they are: their codes and scales are installed without re-quantizat
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -28,6 +29,27 @@ from .meta import empty_model, meta_parameters, set_tensor
 from .numerics import resolve_compute_dtype, resolve_device
 
 logger = logging.getLogger(__name__)
+
+
+def _libc_malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+_TRIM_ELEMENTS = 1 << 20
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the allocator back to the OS (glibc keeps it otherwise).
+
+    Loading frees a large float temporary after every weight; without this, glibc's heap
+    keeps those pages and peak memory climbs towards twice the model.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 QUANT_CHOICES = ("nf4", "fp4", "none")
 
@@ -71,10 +93,14 @@ class _Streamer:
         tensor = tensor.to(self.device)
         if tensor.is_floating_point():
             tensor = tensor.to(self.dtype)
+        big = tensor.numel() >= _TRIM_ELEMENTS
         if module_name in self.targets:
             self._put_quantized(module_name, attr, tensor)
         else:
             set_tensor(self.model, name, tensor)
+        del tensor
+        if big:
+            release_freed_memory()
 
     def _put_quantized(self, module_name: str, attr: str, tensor: torch.Tensor) -> None:
         module = self.model.get_submodule(module_name)

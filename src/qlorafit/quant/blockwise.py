@@ -67,22 +67,36 @@ def _scale_4bit(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch
     return absmax, scaled
 
 
+# Elements quantized per step (a multiple of every block size): bounds the float32
+# temporaries to a few tens of MB whatever the size of the weight.
+_QUANT_CHUNK = 1 << 22
+
+
+def _quantize_chunk(piece: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed codes, block scales) of a 1-D piece that starts on a block boundary."""
+    absmax, scaled = _scale_4bit(piece.float(), blocksize)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    bounds, order = quantize_bounds_4bit(quant_type, piece.device)
+    codes = torch.bucketize(scaled, bounds, out_int32=True)
+    del scaled
+    if quant_type != "nf4":
+        codes = order[codes]
+    codes = codes.to(torch.uint8).view(-1, 2)
+    return (codes[:, 0] << 4) | codes[:, 1], absmax
+
+
 def quantize_4bit(
     w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True
 ) -> tuple[torch.Tensor, QuantState]:
     """Quantize `w` to packed 4-bit codes; returns `(packed uint8 (ceil(n/2), 1), QuantState)`."""
     check_4bit_settings(quant_type, blocksize)
     _check_float(w, "quantize_4bit")
-    flat = w.detach().reshape(-1).float()
-    absmax, scaled = _scale_4bit(flat, blocksize)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))
-    bounds, order = quantize_bounds_4bit(quant_type, flat.device)
-    codes = torch.bucketize(scaled, bounds, out_int32=True)
-    if quant_type != "nf4":
-        codes = order[codes]
-    codes = codes.to(torch.uint8).view(-1, 2)
-    packed = ((codes[:, 0] << 4) | codes[:, 1]).unsqueeze(1)
+    flat = w.detach().reshape(-1)
+    # Blocks are independent, so quantizing chunk by chunk gives the same bytes as all at once.
+    pieces = [_quantize_chunk(flat[i : i + _QUANT_CHUNK], quant_type, blocksize) for i in range(0, flat.numel(), _QUANT_CHUNK)]
+    packed = torch.cat([p for p, _ in pieces]).unsqueeze(1)
+    absmax = torch.cat([a for _, a in pieces])
     state = QuantState(
         absmax=absmax,
         code=code_4bit(quant_type, flat.device),
