@@ -9,7 +9,6 @@ are taken as they are: their codes and scales are installed without re-quantizat
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -132,7 +131,7 @@ def _finish(model: nn.Module, source: str) -> nn.Module:
     return model
 
 
-def _load_bnb_modules(model: nn.Module, keys: dict[str, str], read, dtype: torch.dtype, device) -> set[str]:
+def _load_bnb_modules(model: nn.Module, keys: dict[str, Path], read, dtype: torch.dtype, device) -> set[str]:
     """Install pre-quantized bitsandbytes layers; returns the keys consumed."""
     used: set[str] = set()
     for key in keys:
@@ -194,25 +193,16 @@ def load_model(
 
 def _load_prequantized(model: nn.Module, source: ModelSource, streamer: _Streamer, dtype, device) -> None:
     keys = source.tensor_files()
-    cache: dict[str, torch.Tensor] = {}
 
     def read(key: str) -> torch.Tensor:
         if key not in keys:
             raise ModelLoadError(f"{source.path}: 4-bit checkpoint is missing tensor {key}")
-        if key not in cache:
-            cache.update(_read_one(keys[key], key))
-        return cache.pop(key)
+        return next(stream_safetensors(keys[key], [key]))[1]
 
     used = _load_bnb_modules(model, keys, read, dtype, device)
     streamer.targets = set()  # everything else is stored as it is
     rest = ((k, t, str(keys[k])) for k, t in _read_keys(keys, [k for k in keys if k not in used]))
     _stream_into(model, rest, streamer)
-
-
-def _read_one(file: Path, key: str) -> dict[str, torch.Tensor]:
-    for k, t in stream_safetensors(file, [key]):
-        return {k: t}
-    return {}
 
 
 def _read_keys(keys: dict[str, Path], wanted: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -223,6 +213,3 @@ def _read_keys(keys: dict[str, Path], wanted: list[str]) -> Iterator[tuple[str, 
         yield from stream_safetensors(file, names)
 
 
-def describe_loaded(model: nn.Module) -> str:
-    """A short, human-readable description of where the model came from and how it is stored."""
-    return json.dumps(getattr(model, "qlorafit_source", {}))

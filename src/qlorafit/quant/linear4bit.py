@@ -58,6 +58,8 @@ class Linear4bit(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = compute_dtype
+        # True when the layer was a GPT-2 style Conv1D, whose checkpoints store (in, out).
+        self.conv1d_layout = False
         self.register_buffer("weight", packed)
         self.quant_state = quant_state
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
