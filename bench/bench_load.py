@@ -10,10 +10,12 @@ loader runs in a fresh subprocess, so its peak RSS is its own:
 - hf-bnb-nf4: the same with BitsAndBytesConfig(load_in_4bit=True, nf4, double quant, fp32 compute)
 
 Each subprocess reports its RSS after imports (baseline), the wall time of the load, the peak
-RSS (kernel high-water mark from getrusage, and a psutil sampler that also tracks anonymous vs
-file-backed memory), and the bytes the loaded model holds (parameters + buffers + 4-bit states).
+RSS (the kernel's high-water mark VmHWM, reset after the imports; getrusage's ru_maxrss; and a
+psutil sampler that also tracks anonymous vs file-backed memory), and the bytes the loaded model
+holds (parameters + buffers + 4-bit states). Each loader runs `--repeats` times (default 3),
+round-robin; the table shows medians (min-max).
 
-    .venv/bin/python bench/bench_load.py [--small]    # prints a markdown table
+    .venv/bin/python bench/bench_load.py [--small] [--repeats N]    # prints a markdown table
     -> bench/out/load.json (load-small.json with --small)
 """
 
@@ -21,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -37,13 +41,35 @@ OUT = Path(__file__).resolve().parent / "out"
 MiB = 1024 * 1024
 _PROC = psutil.Process()
 
+
+def src_digest() -> str:
+    """sha256 over qlorafit's source files: which state of src/ these numbers were measured on."""
+    root = Path(__file__).resolve().parents[1] / "src"
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 SHAPES = {
     # TinyLlama-1.1B: 1.10e9 parameters
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
     # ~100M parameters, for smoke tests
-    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
-                  num_key_value_heads=4, vocab_size=32000),
+    "small": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
 }
 METHODS = ("ours-nf4", "ours-none", "hf-fp32", "hf-bnb-nf4")
 
@@ -104,8 +130,14 @@ def write_checkpoint(path: Path, shape: str) -> None:
             total += t.numel() * t.element_size()
 
     h, v = c["hidden_size"], c["vocab_size"]
-    save(0, {"model.embed_tokens.weight": _randn((v, h), gen), "lm_head.weight": _randn((v, h), gen),
-             "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)})
+    save(
+        0,
+        {
+            "model.embed_tokens.weight": _randn((v, h), gen),
+            "lm_head.weight": _randn((v, h), gen),
+            "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+        },
+    )
     for i in range(c["num_hidden_layers"]):
         save(i + 1, _layer_tensors(i, c, gen))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -179,7 +211,11 @@ def model_bytes(model) -> dict:
             state = getattr(getattr(m, "weight", None), "quant_state", None)  # bitsandbytes Params4bit
         if state is not None:
             state_bytes += _state_bytes(state)
-    return {"tensor_bytes": tensor_bytes, "quant_state_bytes": state_bytes, "total_bytes": tensor_bytes + state_bytes}
+    return {
+        "tensor_bytes": tensor_bytes,
+        "quant_state_bytes": state_bytes,
+        "total_bytes": tensor_bytes + state_bytes,
+    }
 
 
 def _state_bytes(state) -> int:
@@ -212,7 +248,9 @@ def worker(method: str, path: str) -> dict:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     elif method == "hf-bnb-nf4":
         cfg = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         )
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -268,29 +306,66 @@ def run_one(method: str, path: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def summarize(method: str, runs: list[dict]) -> dict:
+    """Median (and min, max) over the repeated runs of one loader, of the numbers the table shows."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"method": method, "error": runs[-1]["error"], "runs": len(runs), "failed": len(runs)}
+
+    def stats(values: list[float]) -> dict:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    def delta(r: dict, key: str, base: str = "baseline_rss") -> int:
+        return r[key] - r[base]
+
+    size = ok[0]["total_bytes"]
+    peak = [delta(r, "peak_hwm") for r in ok]
+    return {
+        "method": method,
+        "runs": len(runs),
+        "failed": len(runs) - len(ok),
+        "wall_s": stats([r["wall_s"] for r in ok]),
+        "baseline_rss": stats([r["baseline_rss"] for r in ok]),
+        "peak_delta_hwm": stats(peak),
+        "peak_delta_maxrss": stats([delta(r, "peak_maxrss") for r in ok]),
+        "peak_delta_rss_psutil": stats([delta(r, "peak_rss_psutil") for r in ok]),
+        "peak_delta_anon": stats([delta(r, "peak_anon_psutil", "baseline_anon") for r in ok]),
+        "delta_after_load": stats([delta(r, "rss_after_load") for r in ok]),
+        "delta_after_malloc_trim": stats([delta(r, "rss_after_malloc_trim") for r in ok]),
+        "model_bytes": size,
+        "quant_state_bytes": ok[0]["quant_state_bytes"],
+        "peak_delta_over_model": stats([d / size for d in peak]),
+        "forward_ok": all(r["forward_ok"] for r in ok),
+    }
+
+
 def markdown(rows: list[dict], info: dict) -> str:
+    def mib(st: dict, spread: bool = False) -> str:
+        text = f"{st['median'] / MiB:.0f}"
+        return text + (f" ({st['min'] / MiB:.0f}-{st['max'] / MiB:.0f})" if spread else "")
+
     lines = [
         f"{info['shape']} Llama ({info['n_params'] / 1e9:.2f}B params), bf16 safetensors on disk "
         f"({info['disk_bytes'] / 2**30:.2f} GiB, {info['n_shards']} shards, page cache warm), loaded to float32 "
-        f"on the CPU, torch threads = {info['torch_threads']}. MiB = 2^20 bytes; deltas are over the RSS after imports.",
+        f"on the CPU, torch threads = {info['torch_threads']}, default glibc malloc. Each loader ran "
+        f"{info['repeats']} times in a fresh process (round-robin); median (min-max). MiB = 2^20 bytes; "
+        f"deltas are over the process RSS after imports (~{info['baseline_rss_mib']:.0f} MiB).",
         "",
-        "| loader | wall s | RSS after imports MiB | peak RSS delta MiB (VmHWM) | peak RSS delta MiB (ru_maxrss) "
-        "| peak anon delta MiB (sampled) | RSS delta after load MiB | same after malloc_trim MiB | model size MiB "
-        "| peak delta / model size |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| loader | wall s | peak RSS delta MiB (VmHWM) | same, ru_maxrss | peak anon delta MiB "
+        "| RSS delta after load | after malloc_trim | model size MiB | peak delta / model size |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
             last = r["error"].splitlines()[-1] if r["error"] else "failed"
-            lines.append(f"| {r['method']} | failed: {last} | | | | | | | | |")
+            lines.append(f"| {r['method']} | failed: {last} | | | | | | | |")
             continue
-        base = r["baseline_rss"]
-        delta = r["peak_hwm"] - base
+        w, q = r["wall_s"], r["peak_delta_over_model"]
         lines.append(
-            f"| {r['method']} | {r['wall_s']:.1f} | {base / MiB:.0f} | {delta / MiB:.0f} "
-            f"| {(r['peak_maxrss'] - base) / MiB:.0f} | {(r['peak_anon_psutil'] - r['baseline_anon']) / MiB:.0f} "
-            f"| {(r['rss_after_load'] - base) / MiB:.0f} | {(r['rss_after_malloc_trim'] - base) / MiB:.0f} "
-            f"| {r['total_bytes'] / MiB:.0f} | {delta / r['total_bytes']:.2f} |"
+            f"| {r['method']} | {w['median']:.1f} ({w['min']:.1f}-{w['max']:.1f}) | {mib(r['peak_delta_hwm'], True)} "
+            f"| {mib(r['peak_delta_maxrss'])} | {mib(r['peak_delta_anon'])} | {mib(r['delta_after_load'])} "
+            f"| {mib(r['delta_after_malloc_trim'])} | {r['model_bytes'] / MiB:.0f} "
+            f"| {q['median']:.2f} ({q['min']:.2f}-{q['max']:.2f}) |"
         )
     return "\n".join(lines)
 
@@ -298,7 +373,10 @@ def markdown(rows: list[dict], info: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a ~100M-parameter model instead of 1.1B")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS)
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="fresh-process loads per loader (default 3)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--write-checkpoint", choices=sorted(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
@@ -312,6 +390,7 @@ def main() -> None:
 
     shape = "small" if args.small else "1b"
     t0 = time.perf_counter()
+    digest_start = src_digest()
     path, written = ensure_checkpoint(shape)
     write_s = time.perf_counter() - t0
     shards = sorted(path.glob("*.safetensors"))
@@ -321,8 +400,13 @@ def main() -> None:
                 pass
     index = json.loads((path / "model.safetensors.index.json").read_text())
     c = SHAPES[shape]
-    rows = [run_one(m, path) for m in args.methods.split(",")]
-    ok = [r for r in rows if "error" not in r]
+    methods = args.methods.split(",")
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for i in range(args.repeats):  # round-robin, so slow drifts of the machine hit every loader
+        for m in methods:
+            runs[m].append({"round": i, **run_one(m, path)})
+    rows = [summarize(m, runs[m]) for m in methods]
+    ok = [r for rs in runs.values() for r in rs if "error" not in r]
     info = {
         "shape": "TinyLlama-1.1B-shape" if shape == "1b" else "small (~100M)",
         "config": c,
@@ -334,15 +418,22 @@ def main() -> None:
         "n_shards": len(shards),
         "n_params": index["metadata"]["total_size"] // 2,
         "torch_threads": ok[0]["torch_threads"] if ok else None,
+        "repeats": args.repeats,
+        "src_digest": digest_start,
+        "src_changed_during_run": src_digest() != digest_start,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "baseline_rss_mib": statistics.median(r["baseline_rss"] for r in ok) / MiB if ok else 0,
+        "total_s": time.perf_counter() - t0,
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
     print(markdown(rows, info))
-    for r in rows:
-        if "error" in r:
-            print(f"\n{r['method']} failed:\n{r['error']}")
+    for m, rs in runs.items():
+        for r in rs:
+            if "error" in r:
+                print(f"\n{m} (round {r['round']}) failed:\n{r['error']}")
     OUT.mkdir(parents=True, exist_ok=True)
     out = OUT / ("load-small.json" if args.small else "load.json")
-    out.write_text(json.dumps({"info": info, "results": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"info": info, "summary": rows, "runs": runs}, indent=2) + "\n")
     print(f"\nwrote {out}")
 
 
