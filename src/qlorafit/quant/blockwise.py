@@ -14,6 +14,8 @@ the same bytes in both libraries.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from ..errors import QuantizationError
@@ -118,7 +120,7 @@ def block_scales(state: QuantState) -> torch.Tensor:
     return (dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
 
 
-def _decode_codes(packed: torch.Tensor, quant_type: str) -> torch.Tensor:
+def _decode_codes(packed: torch.Tensor, quant_type: str, out: torch.Tensor | None = None) -> torch.Tensor:
     """Code-book values of every nibble, high nibble first: (2 * bytes,) float32.
 
     Pairs of bytes are read as uint16 and looked up in a (65536, 4) table, so one gather
@@ -128,7 +130,7 @@ def _decode_codes(packed: torch.Tensor, quant_type: str) -> torch.Tensor:
     if codes.dtype != torch.uint8:
         codes = codes.view(torch.uint8)
     nbytes = codes.numel()
-    out = torch.empty(2 * nbytes, dtype=torch.float32, device=codes.device)
+    out = torch.empty(2 * nbytes, dtype=torch.float32, device=codes.device) if out is None else out[: 2 * nbytes]
     even = nbytes - nbytes % 2
     if even:
         words = codes[:even].view(torch.uint16).int()
@@ -151,14 +153,27 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
             f"{tuple(state.shape)} needs {n}"
         )
     scales = block_scales(state)
-    values = _decode_codes(packed, state.quant_type)[:n]
-    out = values if dtype == torch.float32 else torch.empty(n, dtype=dtype, device=values.device)
+    # Another dtype is rounded from float32 values: decode into a reused float32 scratch
+    # buffer (a fresh 4-byte-per-weight buffer costs more in page faults than the decode).
+    scratch = None if dtype == torch.float32 else _scratch(packed.numel() * 2, packed.device)
+    values = _decode_codes(packed, state.quant_type, scratch)[:n]
     blocks, tail = _split_blocks(values, state.blocksize)
-    out_blocks, out_tail = _split_blocks(out, state.blocksize)
-    torch.mul(blocks, scales[: blocks.shape[0]].view(-1, 1), out=out_blocks)
+    blocks.mul_(scales[: blocks.shape[0]].view(-1, 1))
     if tail.numel():
-        torch.mul(tail, scales[blocks.shape[0]], out=out_tail)
-    return out.view(state.shape)
+        tail.mul_(scales[blocks.shape[0]])
+    return values.view(state.shape) if dtype == torch.float32 else values.view(state.shape).to(dtype)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, device: torch.device) -> torch.Tensor:
+    """A per-thread float32 buffer of at least `numel` elements on `device`, reused across calls."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buf = buffers.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf
 
 
 _LUT_SIZE = 65536
