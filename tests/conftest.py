@@ -66,3 +66,29 @@ def smollm2_path() -> Path:
 
 def token_batch(vocab: int = 128, shape=(2, 9), seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def byte_tokenizer(chat_template: bool = True):
+    """A tiny byte-level BPE tokenizer (no merges) with ChatML special tokens, built in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  bos_token="<|im_start|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    if chat_template:
+        from qlorafit.data.render import CHATML_TEMPLATE
+
+        tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+@pytest.fixture
+def tokenizer():
+    return byte_tokenizer()

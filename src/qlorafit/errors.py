@@ -23,3 +23,7 @@ class AdapterError(QlorafitError):
 
 class TargetError(AdapterError):
     """LoRA targets that match no layer of the model."""
+
+
+class DataError(QlorafitError):
+    """Training data that cannot be read or used: names the file and line."""

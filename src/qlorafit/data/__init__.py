@@ -1,0 +1,1 @@
+"""Training data: JSONL records -> conversations -> token ids and loss labels -> batches."""

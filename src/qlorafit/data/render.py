@@ -1,0 +1,111 @@
+"""Records -> token ids and labels, with the loss on what the model should learn to write.
+
+Chat records are rendered with the tokenizer's chat template (ChatML when it has none). The
+characters of each assistant turn, from the end of the generation prompt to its end-of-turn
+token, are found by rendering the conversation up to that turn, and every token that starts
+inside one of those spans gets a label; every other token gets -100 (no loss). Whitespace the
+template writes after the end-of-turn token is not trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import DataError
+from .records import Record
+
+IGNORE = -100
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TRAIN_ON = ("completion", "all")
+
+
+@dataclass
+class Example:
+    """Token ids, labels (-100 where there is no loss) and where the example came from."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def ensure_chat_template(tokenizer) -> None:
+    """Give a tokenizer without a chat template the ChatML one (adding its tokens if missing)."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    tokenizer.chat_template = CHATML_TEMPLATE
+    missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+
+
+def _render(tokenizer, messages, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict], source: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns."""
+    full = _render(tokenizer, messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = _render(tokenizer, messages[:i], True) if i else ""
+        upto = _render(tokenizer, messages[: i + 1], False)
+        if not (full.startswith(upto) and upto.startswith(prefix)):
+            raise DataError(
+                f"{source}: the chat template renders earlier turns differently once later turns follow, so the "
+                "assistant turns cannot be located; use data.train_on: all or a template without that behaviour"
+            )
+        spans.append((len(prefix), len(upto.rstrip())))
+    return full, spans
+
+
+def _tokenize_chat(record: Record, tokenizer, train_on: str) -> tuple[list[int], list[int]]:
+    text, spans = assistant_spans(tokenizer, record.messages, record.source)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    if train_on == "all":
+        return ids, list(ids)
+    labels = [
+        tok if any(start <= begin < end for start, end in spans) else IGNORE
+        for tok, (begin, _) in zip(ids, enc["offset_mapping"], strict=True)
+    ]
+    return ids, labels
+
+
+def _tokenize_plain(record: Record, tokenizer, train_on: str) -> tuple[list[int], list[int]]:
+    prompt = tokenizer(record.prompt, add_special_tokens=True)["input_ids"] if record.prompt else []
+    if not prompt and getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+        prompt = [tokenizer.bos_token_id]
+    completion = tokenizer(record.completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        completion = completion + [tokenizer.eos_token_id]
+    ids = prompt + completion
+    if train_on == "all" or record.train_on_prompt:
+        return ids, list(ids)
+    return ids, [IGNORE] * len(prompt) + completion
+
+
+def tokenize_record(record: Record, tokenizer, train_on: str = "completion") -> Example:
+    """Token ids and labels for one record."""
+    if train_on not in TRAIN_ON:
+        raise DataError(f"unknown train_on {train_on!r}: use one of {', '.join(TRAIN_ON)}")
+    tokenize = _tokenize_chat if record.messages is not None else _tokenize_plain
+    ids, labels = tokenize(record, tokenizer, train_on)
+    return Example(ids, labels, record.source)
+
+
+def truncate(example: Example, max_length: int) -> tuple[Example | None, bool]:
+    """Keep the first `max_length` tokens; (None, True) when no labelled token is left."""
+    if len(example) <= max_length:
+        return example, False
+    cut = Example(example.input_ids[:max_length], example.labels[:max_length], example.source)
+    if all(label == IGNORE for label in cut.labels):
+        return None, True
+    return cut, True
