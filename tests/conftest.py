@@ -92,3 +92,31 @@ def byte_tokenizer(chat_template: bool = True):
 @pytest.fixture
 def tokenizer():
     return byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory) -> Path:
+    """A tiny random llama that knows the byte tokenizer (saved beside it)."""
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True,
+                         max_position_embeddings=256, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def write_chat_jsonl(path: Path, n: int, seed: int = 0) -> Path:
+    """`n` small conversations of a learnable task (echo a word reversed)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    words = ["cat", "dog", "sun", "moon", "tree", "fish", "bird", "star"]
+    with open(path, "w") as f:
+        for _ in range(n):
+            w = rng.choice(words)
+            f.write(json.dumps({"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": w[::-1]}]}) + "\n")
+    return path

@@ -1,0 +1,1 @@
+"""Training: schedules, the chunked loss, checkpoints and the loop."""

@@ -1,0 +1,164 @@
+"""The training loop: a plain function over a model, an optimizer and lists of batches.
+
+Determinism is by construction: the data order of epoch e comes from `seed + e`, dropout draws
+from torch's generator whose state goes into every checkpoint, and a checkpoint is only taken
+between optimizer steps. A run resumed from step k therefore replays steps k+1.. exactly as
+the uninterrupted run would, and ends with the same adapter, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..data.batches import batch_order, pack_rows, packed_batch, pad_batch
+from ..data.dataset import Dataset
+from .checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
+from .loss import IGNORE, causal_lm_loss
+from .schedule import make_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Where a run writes, and how its data is batched."""
+
+    output_dir: Path
+    pad_id: int
+    max_length: int
+    packing: bool = False
+    on_log: Callable[[dict], None] | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def epoch_batches(data: Dataset, cfg: TrainConfig, run: Run, epoch: int) -> list[dict[str, torch.Tensor]]:
+    """The micro-batches of one epoch, in the order seeded by `cfg.seed + epoch`."""
+    seed = cfg.seed + epoch
+    if run.packing:
+        order = torch.randperm(len(data.examples), generator=torch.Generator().manual_seed(seed)).tolist()
+        rows = pack_rows(data.examples, order, run.max_length)
+        groups = [[j for row in rows[i : i + cfg.batch_size] for j in row] for i in range(0, len(rows), cfg.batch_size)]
+        batches = [packed_batch([[data.examples[j] for j in row] for row in rows[i : i + cfg.batch_size]], run.pad_id)
+                   for i in range(0, len(rows), cfg.batch_size)]
+    else:
+        groups = batch_order(data.lengths, cfg.batch_size, seed)
+        batches = [pad_batch([data.examples[i] for i in g], run.pad_id) for g in groups]
+    for batch, group in zip(batches, groups, strict=True):
+        batch["tokens"] = sum(len(data.examples[i]) for i in group)  # real (unpadded) tokens
+    return batches
+
+
+def total_steps(n_batches: int, cfg: TrainConfig) -> int:
+    """Optimizer steps of the run: max_steps, or epochs x ceil(batches / grad_accum)."""
+    return cfg.max_steps or cfg.epochs * math.ceil(n_batches / cfg.grad_accum)
+
+
+def _labelled(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, data: Dataset, cfg: TrainConfig, run: Run) -> dict:
+    """Token-weighted mean cross-entropy and perplexity over a dataset (no dropout)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in epoch_batches(data, cfg, run, epoch=0):
+        loss_sum, n = causal_lm_loss(model, batch)
+        total, tokens = total + float(loss_sum), tokens + n
+    model.train(was_training)
+    loss = total / max(tokens, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+
+def _step(model, optimizer, scheduler, micro: list[dict], cfg: TrainConfig) -> float:
+    """One optimizer step over `micro`; the loss is averaged over all their labelled tokens."""
+    tokens = sum(_labelled(b) for b in micro)
+    total = 0.0
+    for batch in micro:
+        loss_sum, _ = causal_lm_loss(model, batch)
+        (loss_sum / max(tokens, 1)).backward()
+        total += float(loss_sum.detach())
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / max(tokens, 1)
+
+
+def _log(run: Run, row: dict) -> None:
+    run.history.append(row)
+    with open(run.output_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if run.on_log is not None:
+        run.on_log(row)
+
+
+def _resume(run: Run, model, optimizer, scheduler) -> Position:
+    folder = latest_checkpoint(run.output_dir / "checkpoints")
+    if folder is None:
+        logger.warning("%s: no complete checkpoint to resume from; starting at step 0", run.output_dir)
+        return Position()
+    position = load_checkpoint(folder, model, optimizer, scheduler)
+    metrics = run.output_dir / "metrics.jsonl"
+    if metrics.is_file():  # forget what was logged after the checkpoint: those steps run again
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= position.step]
+        metrics.write_text("".join(line + "\n" for line in kept))
+        run.history = [json.loads(line) for line in kept]
+    logger.info("resuming from %s (step %d)", folder, position.step)
+    return position
+
+
+def train(model: nn.Module, train_data: Dataset, eval_data: Dataset | None, cfg: TrainConfig, run: Run,
+          resume: bool = False) -> dict:
+    """Train the model's trainable (LoRA) parameters; returns the last eval metrics (or {})."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_batches = len(epoch_batches(train_data, cfg, run, 0))
+    total = total_steps(n_batches, cfg)
+    scheduler = make_scheduler(optimizer, total, cfg.warmup_steps, cfg.schedule)
+    position = _resume(run, model, optimizer, scheduler) if resume else Position()
+    model.train()
+    checkpoints = run.output_dir / "checkpoints"
+    last_eval: dict = {}
+    start, tokens_seen = time.perf_counter(), 0
+    while position.step < total:
+        batches = epoch_batches(train_data, cfg, run, position.epoch)
+        while position.batch < len(batches) and position.step < total:
+            micro = batches[position.batch : position.batch + cfg.grad_accum]
+            lr = scheduler.get_last_lr()[0]
+            loss = _step(model, optimizer, scheduler, micro, cfg)
+            position.batch += len(micro)
+            position.step += 1
+            tokens_seen += sum(b["tokens"] for b in micro)
+            elapsed = time.perf_counter() - start
+            if position.step % cfg.log_every == 0 or position.step == total:
+                _log(run, {"step": position.step, "epoch": position.epoch, "loss": loss, "lr": lr,
+                           "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": elapsed, "total_steps": total})
+            if eval_data is not None and cfg.eval_every and position.step % cfg.eval_every == 0 and position.step < total:
+                last_eval = evaluate_loss(model, eval_data, cfg, run)
+                _log(run, {"step": position.step, **last_eval})
+            epoch_done = position.batch >= len(batches)
+            if epoch_done:
+                position.epoch, position.batch = position.epoch + 1, 0
+            if cfg.save_every and position.step % cfg.save_every == 0 and position.step < total:
+                save_checkpoint(checkpoints, model, optimizer, scheduler, position, cfg.keep_last)
+            if epoch_done:
+                break  # the next epoch has its own order
+    if eval_data is not None:
+        last_eval = evaluate_loss(model, eval_data, cfg, run)
+        _log(run, {"step": position.step, **last_eval})
+    save_checkpoint(checkpoints, model, optimizer, scheduler, position, cfg.keep_last)
+    return last_eval

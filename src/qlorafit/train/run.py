@@ -1,0 +1,74 @@
+"""run_training: from a RunConfig to a trained adapter, its metrics, loss curve and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, save_config
+from ..data.dataset import load_dataset
+from ..errors import QlorafitError
+from ..lora.inject import add_lora
+from ..lora.peft_io import save_adapter
+from ..models.load import load_model
+from .loop import Run, train
+from .plot import plot_losses
+
+logger = logging.getLogger(__name__)
+_RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter", "loss.png", "summary.json")
+
+
+def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write over another run unless resuming or told to overwrite it."""
+    if not output_dir.exists() or not any(output_dir.iterdir()) or resume:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        return
+    if not overwrite:
+        raise QlorafitError(
+            f"{output_dir}: already holds another run; pass --resume to continue it, --overwrite to replace it, "
+            "or choose another output_dir"
+        )
+    foreign = [p.name for p in output_dir.iterdir() if p.name not in _RUN_FILES]
+    if foreign:
+        raise QlorafitError(
+            f"{output_dir}: --overwrite refused, the folder holds files that are not from a run ({', '.join(foreign[:5])})"
+        )
+    for name in _RUN_FILES:
+        path = output_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def run_training(config: RunConfig, resume: bool = False, overwrite: bool = False,
+                 on_log: Callable[[dict], None] | None = None) -> dict:
+    """Load, adapt, train and save as the config says; returns paths and the final eval metrics."""
+    out = Path(config.output_dir)
+    prepare_output_dir(out, resume, overwrite)
+    torch.manual_seed(config.train.seed)
+    q = config.quant
+    model, tokenizer = load_model(config.model, quant=q.type, double_quant=q.double_quant, blocksize=q.blocksize,
+                                  compute_dtype=q.compute_dtype)
+    if tokenizer is None:
+        raise QlorafitError(f"{config.model}: has no tokenizer files, which training needs")
+    lc = config.lora
+    add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets, rslora=lc.rslora)
+    if config.train.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    d = config.data
+    train_data = load_dataset(d.train, tokenizer, d.format, d.max_length, d.train_on)
+    eval_data = load_dataset(d.eval, tokenizer, d.format, d.max_length, d.train_on) if d.eval else None
+    save_config(config, out / "config.yaml")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    run = Run(out, pad_id, d.max_length, d.packing, on_log)
+    metrics = train(model, train_data, eval_data, config.train, run, resume=resume)
+    save_adapter(model, out / "adapter", base_model_name_or_path=config.model)
+    tokenizer.save_pretrained(str(out / "adapter"))
+    plot_losses(out / "metrics.jsonl", out / "loss.png")
+    summary = {"adapter": str(out / "adapter"), "metrics": str(out / "metrics.jsonl"), "plot": str(out / "loss.png"),
+               "train_examples": len(train_data.examples), "truncated": train_data.truncated, **metrics}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

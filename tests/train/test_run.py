@@ -1,0 +1,85 @@
+"""run_training end to end on a tiny model: outputs, refusal to clobber, exact resume, determinism."""
+
+import json
+
+import pytest
+
+from qlorafit.config import build_config
+from qlorafit.errors import QlorafitError
+from qlorafit.train.run import run_training
+from tests.conftest import write_chat_jsonl
+
+
+def _config(model_dir, tmp_path, out="run", **train):
+    data = tmp_path / "train.jsonl"
+    if not data.exists():
+        write_chat_jsonl(data, 24)
+        write_chat_jsonl(tmp_path / "eval.jsonl", 8, seed=1)
+    tree = {
+        "model": str(model_dir),
+        "quant": {"type": "nf4"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"train": str(data), "eval": str(tmp_path / "eval.jsonl"), "max_length": 64},
+        "train": {"batch_size": 4, "lr": 5e-3, "seed": 0, "log_every": 1, **train},
+        "output_dir": str(tmp_path / out),
+    }
+    return build_config(tree)
+
+
+def test_training_writes_adapter_metrics_plot_and_lowers_eval_loss(tiny_chat_model_dir, tmp_path):
+    cfg = _config(tiny_chat_model_dir, tmp_path, epochs=3, eval_every=3, warmup_steps=2)
+    logged = []
+    summary = run_training(cfg, on_log=logged.append)
+    out = tmp_path / "run"
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl", "loss.png",
+                 "config.yaml", "checkpoints/step-18/manifest.json"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 19))  # 24 examples / 4 = 6 steps x 3 epochs
+    assert evals[-1] < evals[0]
+    assert summary["eval_loss"] == evals[-1] and logged == rows
+    assert train_rows[0]["lr"] < train_rows[2]["lr"]  # warmup
+
+
+def test_existing_output_dir_is_refused_unless_resume_or_overwrite(tiny_chat_model_dir, tmp_path):
+    cfg = _config(tiny_chat_model_dir, tmp_path, max_steps=1)
+    run_training(cfg)
+    with pytest.raises(QlorafitError, match="already holds another run; pass --resume"):
+        run_training(cfg)
+    run_training(cfg, overwrite=True)
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(QlorafitError, match="not from a run"):
+        run_training(cfg, overwrite=True)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tiny_chat_model_dir, tmp_path):
+    straight = _config(tiny_chat_model_dir, tmp_path, out="straight", max_steps=8, grad_accum=2, save_every=3)
+    run_training(straight)
+
+    cut = _config(tiny_chat_model_dir, tmp_path, out="cut", max_steps=8, grad_accum=2, save_every=3)
+
+    def stop_at_5(row):
+        if row.get("step") == 5 and "loss" in row:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cut, on_log=stop_at_5)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-3"]
+    run_training(cut, resume=True)
+    a = (tmp_path / "straight" / "adapter" / "adapter_model.safetensors").read_bytes()
+    b = (tmp_path / "cut" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert a == b
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+
+
+def test_same_seed_same_adapter_other_seed_other_adapter(tiny_chat_model_dir, tmp_path):
+    outs = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        cfg = _config(tiny_chat_model_dir, tmp_path, out=name, max_steps=3, seed=seed)
+        run_training(cfg)
+        outs.append((tmp_path / name / "adapter" / "adapter_model.safetensors").read_bytes())
+    assert outs[0] == outs[1] and outs[0] != outs[2]
