@@ -8,10 +8,10 @@ import torch
 
 import qlorafit
 from qlorafit.data.records import Record
-from qlorafit.data.render import IGNORE, Example, tokenize_record
+from qlorafit.data.render import IGNORE, Example
 from qlorafit.errors import DataError
 from qlorafit.evaluate import eval_loss, exact_match, write_predictions
-from qlorafit.generate import generate_text, generate_tokens, stream_text
+from qlorafit.generate import generate_text, prompt_messages, stream_text
 from tests.conftest import build_tiny, byte_tokenizer
 from tests.test_generate import byte_model, lively
 
@@ -84,7 +84,7 @@ def records() -> list[Record]:
 def test_exact_match_accuracy_on_constructed_references():
     tok, model = byte_tokenizer(), byte_model()
     data = records()
-    outputs = [generate_text(model, tok, [m for m in r.messages[:-1]] if r.messages else r.prompt, max_new_tokens=12)
+    outputs = [generate_text(model, tok, prompt_messages(r), max_new_tokens=12)
                for r in data]
     assert len(set(outputs)) > 1
     for i, (record, output) in enumerate(zip(data, outputs, strict=True)):
@@ -128,7 +128,7 @@ def test_write_predictions_is_jsonl_and_atomic(tmp_path):
 
 
 @pytest.mark.real_model
-def test_smollm2_exact_match_and_loss(smollm2_path):
+def test_smollm2_exact_match(smollm2_path):
     model, tok = qlorafit.load_model("smollm2-135m-instruct", quant="nf4")
     data = [
         Record("r:1", messages=[{"role": "user", "content": "What is the capital of France? Answer with one word."},
@@ -136,17 +136,11 @@ def test_smollm2_exact_match_and_loss(smollm2_path):
         Record("r:2", messages=[{"role": "user", "content": "What is 2 + 2? Answer with a number."},
                                 {"role": "assistant", "content": "4"}]),
     ]
-    accuracy, predictions = exact_match(model, tok, data, max_new_tokens=12)
+    accuracy, predictions = exact_match(model, tok, data, max_new_tokens=8)
     assert all(p["prediction"].strip() for p in predictions)
     assert "Paris" in predictions[0]["prediction"]
     assert accuracy == sum(p["correct"] for p in predictions) / 2
-    # Streaming the same greedy tokens gives the same text.
-    ids = tok.apply_chat_template(data[0].messages[:1], add_generation_prompt=True, tokenize=False)
-    tokens = list(generate_tokens(model, tok(ids, add_special_tokens=False)["input_ids"], max_new_tokens=12,
-                                  eos_token_ids=[tok.convert_tokens_to_ids("<|im_end|>")]))
-    assert "".join(stream_text(tok, tokens)) == tok.decode(tokens) == predictions[0]["prediction"]
-    # The loss of a chat record equals the model's own labels= loss.
-    e = tokenize_record(data[0], tok)
-    expected, count = hf_loss(model, e)
-    result = eval_loss(model, [e])
-    assert result["tokens"] == count and result["loss"] == pytest.approx(expected, rel=1e-4)
+    # The real byte-level BPE tokenizer streams multi-byte characters whole.
+    ids = tok(predictions[0]["prediction"] + " — café 🙂", add_special_tokens=False)["input_ids"]
+    pieces = list(stream_text(tok, ids))
+    assert "".join(pieces) == tok.decode(ids) and not any("\ufffd" in p for p in pieces)

@@ -14,16 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .data.batches import pad_batch
 from .data.records import Record
-from .data.render import IGNORE, Example
+from .data.render import Example
 from .errors import DataError
-from .generate import eval_mode, generate_text, model_device, prompt_messages, reference
-
-_LOSS_CHUNK_ROWS = 2048  # float32 (rows x vocab) pieces of the logits at a time
+from .generate import eval_mode, generate_batch, model_device, prompt_messages, reference
+from .train.loss import causal_lm_loss
 
 
 def exact_match(
@@ -32,34 +30,24 @@ def exact_match(
     records: list[Record],
     max_new_tokens: int = 64,
     on_prediction: Callable[[dict], None] | None = None,
+    batch_size: int = 32,
 ) -> tuple[float, list[dict]]:
     """Share of records whose greedy answer equals the reference (both stripped), and every prediction."""
     if not records:
         raise DataError("exact_match needs at least one record to evaluate")
     predictions = []
-    for record in records:
-        prompt, expected = prompt_messages(record), reference(record)
-        answer = generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.0)
-        row = {"source": record.source, "prompt": prompt, "prediction": answer, "reference": expected,
-               "correct": answer.strip() == expected.strip()}
-        predictions.append(row)
-        if on_prediction is not None:
-            on_prediction(row)
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        prompts = [prompt_messages(r) for r in chunk]
+        answers = generate_batch(model, tokenizer, prompts, max_new_tokens, batch_size)
+        for record, prompt, answer in zip(chunk, prompts, answers, strict=True):
+            expected = reference(record)
+            row = {"source": record.source, "prompt": prompt, "prediction": answer, "reference": expected,
+                   "correct": answer.strip() == expected.strip()}
+            predictions.append(row)
+            if on_prediction is not None:
+                on_prediction(row)
     return sum(p["correct"] for p in predictions) / len(predictions), predictions
-
-
-def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[float, int]:
-    """Summed float32 cross-entropy of one padded batch's labelled tokens, and their count."""
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
-    targets = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
-    keep = targets != IGNORE
-    rows, targets = logits[:, :-1][keep], targets[keep]  # (N, V), (N,)
-    total = 0.0
-    for start in range(0, len(targets), _LOSS_CHUNK_ROWS):
-        chunk = rows[start : start + _LOSS_CHUNK_ROWS].float()
-        total += float(F.cross_entropy(chunk, targets[start : start + _LOSS_CHUNK_ROWS], reduction="sum"))
-    return total, int(keep.sum())
 
 
 def eval_loss(model: nn.Module, examples: list[Example], batch_size: int = 4, pad_id: int = 0) -> dict:
@@ -70,8 +58,9 @@ def eval_loss(model: nn.Module, examples: list[Example], batch_size: int = 4, pa
     total, tokens = 0.0, 0
     with eval_mode(model), torch.inference_mode():
         for start in range(0, len(examples), batch_size):
-            loss_sum, count = _batch_loss(model, pad_batch(examples[start : start + batch_size], pad_id), device)
-            total, tokens = total + loss_sum, tokens + count
+            batch = pad_batch(examples[start : start + batch_size], pad_id)
+            loss_sum, count = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
+            total, tokens = total + float(loss_sum), tokens + count
     if tokens == 0:
         raise DataError("the evaluation examples have no labelled token to compute a loss on")
     loss = total / tokens

@@ -67,18 +67,12 @@ def _labelled(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-@torch.no_grad()
 def evaluate_loss(model: nn.Module, data: Dataset, cfg: TrainConfig, run: Run) -> dict:
     """Token-weighted mean cross-entropy and perplexity over a dataset (no dropout)."""
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    for batch in epoch_batches(data, cfg, run, epoch=0):
-        loss_sum, n = causal_lm_loss(model, batch)
-        total, tokens = total + float(loss_sum), tokens + n
-    model.train(was_training)
-    loss = total / max(tokens, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+    from ..evaluate import eval_loss
+
+    result = eval_loss(model, data.examples, cfg.batch_size, run.pad_id)
+    return {"eval_loss": result["loss"], "eval_ppl": result["perplexity"], "eval_tokens": result["tokens"]}
 
 
 def _step(model, optimizer, scheduler, micro: list[dict], cfg: TrainConfig) -> float:
