@@ -6,8 +6,106 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from .errors import QlorafitError
+
+MODEL_HELP = "HF model folder, .gguf file, bitsandbytes 4-bit folder, or alias (smollm2-135m-instruct)"
+
+
+def _progress(total: int | None = None):
+    """A tqdm bar fed by training log rows (step, loss, lr, tokens/s; ETA from the bar)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="step", dynamic_ncols=True, delay=1e9)  # shown from the first step on
+
+    def on_log(row: dict) -> None:
+        if "loss" in row:
+            if bar.n == 0:
+                bar.reset(total=row.get("total_steps", bar.total))
+            bar.total = row.get("total_steps", bar.total)
+            bar.update(row["step"] - bar.n)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        elif "eval_loss" in row:
+            bar.write(f"step {row['step']}: eval loss {row['eval_loss']:.4f}, perplexity {row['eval_ppl']:.2f}")
+
+    return bar, on_log
+
+
+def _load(args: argparse.Namespace):
+    from . import load_adapter, load_model
+
+    model, tokenizer = load_model(args.model, quant=args.quant)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    if tokenizer is None:
+        raise QlorafitError(f"{args.model}: has no tokenizer files")
+    return model, tokenizer
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train.run import run_training
+
+    config = load_config(args.config, args.set)
+    bar, on_log = _progress()
+    try:
+        summary = run_training(config, resume=args.resume, overwrite=args.overwrite, on_log=on_log)
+    finally:
+        bar.close()
+    print(f"adapter: {summary['adapter']}\nmetrics: {summary['metrics']}\nloss curve: {summary['plot']}")
+    if "eval_loss" in summary:
+        print(f"eval loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .data.dataset import load_dataset
+    from .data.records import read_records
+    from .evaluate import eval_loss, exact_match, write_predictions
+
+    model, tokenizer = _load(args)
+    if args.metric == "loss":
+        data = load_dataset(args.data, tokenizer, max_length=args.max_length)
+        result = eval_loss(model, data.examples, pad_id=tokenizer.pad_token_id or 0)
+        print(f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} over {result['tokens']} tokens")
+        return
+    accuracy, predictions = exact_match(model, tokenizer, read_records(args.data), max_new_tokens=args.max_new_tokens)
+    if args.out:
+        write_predictions(args.out, predictions)
+        print(f"predictions written to {args.out}")
+    print(f"exact match: {accuracy:.1%} ({sum(p['correct'] for p in predictions)}/{len(predictions)})")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .generate import encode_prompt, generate_tokens, stop_token_ids, stream_text
+
+    model, tokenizer = _load(args)
+
+    def answer(prompt) -> str:
+        ids = encode_prompt(tokenizer, prompt)
+        tokens = generate_tokens(model, ids, args.max_new_tokens, args.temperature, args.top_p,
+                                 stop_token_ids(tokenizer), args.seed)
+        pieces = []
+        for piece in stream_text(tokenizer, tokens):
+            print(piece, end="", flush=True)
+            pieces.append(piece)
+        print()
+        return "".join(pieces)
+
+    if not args.chat:
+        answer(args.prompt)
+        return
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            return
+        if line.strip() in ("", "/exit", "/quit"):
+            return
+        history.append({"role": "user", "content": line})
+        print("model> ", end="", flush=True)
+        history.append({"role": "assistant", "content": answer(history)})
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -20,18 +118,25 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from . import add_lora, load_model, lora_summary
+    from .demo import run_demo
 
     start = time.perf_counter()
-    model, tok = load_model("smollm2-135m-instruct", quant="nf4")
-    print(f"loaded SmolLM2-135M-Instruct in NF4 with double quantization in {time.perf_counter() - start:.1f} s")
-    add_lora(model, r=16, alpha=32, targets="all-linear")
-    print(lora_summary(model))
-    prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True)
-    ids = tok(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
-    print(f"prompt: {args.prompt}\nanswer: {tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()}")
-    print("Fine-tuning on the bundled task is not yet part of the demo: it arrives with the trainer.")
+    bar, on_log = _progress(args.steps)
+    try:
+        result = run_demo(Path(args.out), args.steps, on_status=lambda s: bar.write(s), on_log=on_log)
+    finally:
+        bar.close()
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\nheld-out exact match on {result['examples']} examples: before {result['before']:.0%}, "
+          f"after {result['after']:.0%}  ({minutes:.1f} min)")
+    print(f"loss curve: {result['plot']}\nadapter: {result['adapter']}\n"
+          f"predictions: {Path(args.out) / 'predictions-after.jsonl'}")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--adapter", help="adapter folder in PEFT layout (optional)")
+    p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"], help="how to hold the base (default nf4)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +144,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    train = sub.add_parser("train", help="fine-tune as a YAML config says (see docs/config.md)")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="loss/perplexity or exact-match accuracy on a JSONL file")
+    _add_model_args(ev)
+    ev.add_argument("--data", required=True, help="JSONL file of records")
+    ev.add_argument("--metric", default="loss", choices=["loss", "exact_match"], help="what to measure (default loss)")
+    ev.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit for exact_match")
+    ev.add_argument("--max-length", type=int, default=512, help="token limit per record for loss")
+    ev.add_argument("--out", help="write each exact_match prediction to this JSONL file")
+    ev.set_defaults(func=_eval)
+
+    gen = sub.add_parser("generate", help="answer a prompt (or chat), streaming tokens as they come")
+    _add_model_args(gen)
+    mode = gen.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="plain text to continue")
+    mode.add_argument("--chat", action="store_true", help="interactive chat with the chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit (default 256)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.set_defaults(func=_generate)
+
     merge = sub.add_parser("merge", help="fold an adapter into its base model and write a Hugging Face folder")
-    merge.add_argument("--model", required=True, help="HF folder, .gguf file, bnb-4bit folder or alias")
+    merge.add_argument("--model", required=True, help=MODEL_HELP)
     merge.add_argument("--adapter", required=True, help="adapter folder in PEFT layout")
     merge.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     merge.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
@@ -50,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     merge.set_defaults(func=_merge)
 
-    demo = sub.add_parser("demo", help="load SmolLM2-135M-Instruct in NF4, add LoRA and answer a prompt")
-    demo.add_argument("--prompt", default="What is the capital of France?", help="question to answer")
+    demo = sub.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct on a bundled task; accuracy before/after")
+    demo.add_argument("--out", default="runs/demo", help="folder for data, run and predictions (default runs/demo)")
+    demo.add_argument("--steps", type=int, default=25, help="optimizer steps (default 25)")
     demo.set_defaults(func=_demo)
     return parser
 
@@ -64,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     except QlorafitError as exc:
         print(f"qlorafit: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nqlorafit: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
