@@ -29,3 +29,60 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "qlorafit: error:" in err and "no such file or folder" in err
     assert not (tmp_path / "o").exists()
+
+
+def _yaml_config(tmp_path, model_dir):
+    from tests.conftest import write_chat_jsonl
+
+    write_chat_jsonl(tmp_path / "train.jsonl", 16)
+    write_chat_jsonl(tmp_path / "eval.jsonl", 4, seed=1)
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        f"model: {model_dir}\n"
+        "quant: {type: nf4}\n"
+        "lora: {r: 4, alpha: 8}\n"
+        f"data: {{train: {tmp_path / 'train.jsonl'}, eval: {tmp_path / 'eval.jsonl'}, max_length: 64}}\n"
+        "train: {epochs: 1, batch_size: 4}\n"
+        f"output_dir: {tmp_path / 'out'}\n"
+    )
+    return path
+
+
+def test_train_eval_generate_commands(tiny_chat_model_dir, tmp_path, capsys):
+    config = _yaml_config(tmp_path, tiny_chat_model_dir)
+    assert main(["train", str(config), "--set", "train.lr=5e-3", "--set", "train.max_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "adapter:" in out and "eval loss" in out
+    saved = (tmp_path / "out" / "config.yaml").read_text()
+    assert "lr: 0.005" in saved and "max_steps: 3" in saved
+    # A second run into the same folder is refused, with the way out in the message.
+    assert main(["train", str(config)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    adapter = str(tmp_path / "out" / "adapter")
+    model = str(tiny_chat_model_dir)
+    assert main(["eval", "--model", model, "--adapter", adapter, "--data", str(tmp_path / "eval.jsonl")]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    preds = tmp_path / "preds.jsonl"
+    assert main(["eval", "--model", model, "--adapter", adapter, "--data", str(tmp_path / "eval.jsonl"),
+                 "--metric", "exact_match", "--max-new-tokens", "4", "--out", str(preds)]) == 0
+    assert "exact match:" in capsys.readouterr().out and len(preds.read_text().splitlines()) == 4
+    assert main(["generate", "--model", model, "--adapter", adapter, "--prompt", "cat", "--max-new-tokens", "5"]) == 0
+
+
+def test_config_errors_reach_the_user(tiny_chat_model_dir, tmp_path, capsys):
+    config = _yaml_config(tmp_path, tiny_chat_model_dir)
+    config.write_text(config.read_text().replace("lora: {r: 4, alpha: 8}", "lora: {rank: 4, alpha: 8}"))
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "run.yaml:3: unknown key 'lora.rank'; did you mean 'lora.r'?" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_subcommand_has_help(capsys):
+    import pytest
+
+    for command in ([], ["train"], ["eval"], ["generate"], ["merge"], ["demo"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*command, "--help"])
+        assert exc.value.code == 0
+        assert "usage: qlorafit" in capsys.readouterr().out

@@ -13,23 +13,32 @@ from .errors import QlorafitError
 MODEL_HELP = "HF model folder, .gguf file, bitsandbytes 4-bit folder, or alias (smollm2-135m-instruct)"
 
 
-def _progress(total: int | None = None):
-    """A tqdm bar fed by training log rows (step, loss, lr, tokens/s; ETA from the bar)."""
-    from tqdm import tqdm
+class _Progress:
+    """A tqdm bar fed by training log rows (step, loss, lr, tokens/s; ETA from the bar), shown from the first step."""
 
-    bar = tqdm(total=total, unit="step", dynamic_ncols=True, delay=1e9)  # shown from the first step on
+    def __init__(self) -> None:
+        self.bar = None
 
-    def on_log(row: dict) -> None:
+    def __call__(self, row: dict) -> None:
+        from tqdm import tqdm
+
         if "loss" in row:
-            if bar.n == 0:
-                bar.reset(total=row.get("total_steps", bar.total))
-            bar.total = row.get("total_steps", bar.total)
-            bar.update(row["step"] - bar.n)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if self.bar is None:
+                self.bar = tqdm(total=row.get("total_steps"), initial=row["step"] - 1, unit="step", dynamic_ncols=True)
+            self.bar.update(row["step"] - self.bar.n)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         elif "eval_loss" in row:
-            bar.write(f"step {row['step']}: eval loss {row['eval_loss']:.4f}, perplexity {row['eval_ppl']:.2f}")
+            self.write(f"step {row['step']}: eval loss {row['eval_loss']:.4f}, perplexity {row['eval_ppl']:.2f}")
 
-    return bar, on_log
+    def write(self, text: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(text) if self.bar is not None else print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _load(args: argparse.Namespace):
@@ -48,11 +57,11 @@ def _train(args: argparse.Namespace) -> None:
     from .train.run import run_training
 
     config = load_config(args.config, args.set)
-    bar, on_log = _progress()
+    progress = _Progress()
     try:
-        summary = run_training(config, resume=args.resume, overwrite=args.overwrite, on_log=on_log)
+        summary = run_training(config, resume=args.resume, overwrite=args.overwrite, on_log=progress)
     finally:
-        bar.close()
+        progress.close()
     print(f"adapter: {summary['adapter']}\nmetrics: {summary['metrics']}\nloss curve: {summary['plot']}")
     if "eval_loss" in summary:
         print(f"eval loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f}")
@@ -121,11 +130,11 @@ def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     start = time.perf_counter()
-    bar, on_log = _progress(args.steps)
+    progress = _Progress()
     try:
-        result = run_demo(Path(args.out), args.steps, on_status=lambda s: bar.write(s), on_log=on_log)
+        result = run_demo(Path(args.out), args.steps, on_status=progress.write, on_log=progress)
     finally:
-        bar.close()
+        progress.close()
     minutes = (time.perf_counter() - start) / 60
     print(f"\nheld-out exact match on {result['examples']} examples: before {result['before']:.0%}, "
           f"after {result['after']:.0%}  ({minutes:.1f} min)")
