@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,24 +38,27 @@ class Run:
     max_length: int
     packing: bool = False
     on_log: Callable[[dict], None] | None = None
-    history: list[dict] = field(default_factory=list)
 
 
-def epoch_batches(data: Dataset, cfg: TrainConfig, run: Run, epoch: int) -> list[dict[str, torch.Tensor]]:
-    """The micro-batches of one epoch, in the order seeded by `cfg.seed + epoch`."""
+def epoch_batches(data: Dataset, cfg: TrainConfig, run: Run, epoch: int) -> list[list[list[int]]]:
+    """The micro-batches of one epoch, in the order seeded by `cfg.seed + epoch`.
+
+    A batch is a list of rows and a row a list of example indices: one example per row when
+    padding, several when packing. Tensors are only built when a batch is used (`collate`).
+    """
     seed = cfg.seed + epoch
     if run.packing:
         order = torch.randperm(len(data.examples), generator=torch.Generator().manual_seed(seed)).tolist()
         rows = pack_rows(data.examples, order, run.max_length)
-        groups = [[j for row in rows[i : i + cfg.batch_size] for j in row] for i in range(0, len(rows), cfg.batch_size)]
-        batches = [packed_batch([[data.examples[j] for j in row] for row in rows[i : i + cfg.batch_size]], run.pad_id)
-                   for i in range(0, len(rows), cfg.batch_size)]
-    else:
-        groups = batch_order(data.lengths, cfg.batch_size, seed)
-        batches = [pad_batch([data.examples[i] for i in g], run.pad_id) for g in groups]
-    for batch, group in zip(batches, groups, strict=True):
-        batch["tokens"] = sum(len(data.examples[i]) for i in group)  # real (unpadded) tokens
-    return batches
+        return [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+    return [[[i] for i in group] for group in batch_order(data.lengths, cfg.batch_size, seed)]
+
+
+def collate(data: Dataset, batch: list[list[int]], run: Run) -> dict[str, torch.Tensor]:
+    """Tensors of one micro-batch (padded or packed rows)."""
+    if run.packing:
+        return packed_batch([[data.examples[i] for i in row] for row in batch], run.pad_id)
+    return pad_batch([data.examples[row[0]] for row in batch], run.pad_id)
 
 
 def total_steps(n_batches: int, cfg: TrainConfig) -> int:
@@ -75,7 +78,7 @@ def evaluate_loss(model: nn.Module, data: Dataset, cfg: TrainConfig, run: Run) -
     return {"eval_loss": result["loss"], "eval_ppl": result["perplexity"], "eval_tokens": result["tokens"]}
 
 
-def _step(model, optimizer, scheduler, micro: list[dict], cfg: TrainConfig) -> float:
+def _step(model, optimizer, scheduler, micro: list[dict[str, torch.Tensor]], cfg: TrainConfig) -> float:
     """One optimizer step over `micro`; the loss is averaged over all their labelled tokens."""
     tokens = sum(_labelled(b) for b in micro)
     total = 0.0
@@ -93,7 +96,6 @@ def _step(model, optimizer, scheduler, micro: list[dict], cfg: TrainConfig) -> f
 
 
 def _log(run: Run, row: dict) -> None:
-    run.history.append(row)
     with open(run.output_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     if run.on_log is not None:
@@ -110,7 +112,6 @@ def _resume(run: Run, model, optimizer, scheduler) -> Position:
     if metrics.is_file():  # forget what was logged after the checkpoint: those steps run again
         kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= position.step]
         metrics.write_text("".join(line + "\n" for line in kept))
-        run.history = [json.loads(line) for line in kept]
     logger.info("resuming from %s (step %d)", folder, position.step)
     return position
 
@@ -131,12 +132,12 @@ def train(model: nn.Module, train_data: Dataset, eval_data: Dataset | None, cfg:
     while position.step < total:
         batches = epoch_batches(train_data, cfg, run, position.epoch)
         while position.batch < len(batches) and position.step < total:
-            micro = batches[position.batch : position.batch + cfg.grad_accum]
+            chosen = batches[position.batch : position.batch + cfg.grad_accum]
             lr = scheduler.get_last_lr()[0]
-            loss = _step(model, optimizer, scheduler, micro, cfg)
-            position.batch += len(micro)
+            loss = _step(model, optimizer, scheduler, [collate(train_data, b, run) for b in chosen], cfg)
+            position.batch += len(chosen)
             position.step += 1
-            tokens_seen += sum(b["tokens"] for b in micro)
+            tokens_seen += sum(len(train_data.examples[i]) for b in chosen for row in b for i in row)
             elapsed = time.perf_counter() - start
             if position.step % cfg.log_every == 0 or position.step == total:
                 _log(run, {"step": position.step, "epoch": position.epoch, "loss": loss, "lr": lr,
