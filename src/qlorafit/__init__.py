@@ -1,6 +1,14 @@
 """qlorafit: LoRA and QLoRA fine-tuning of causal language models, on the hardware you have."""
 
-from .errors import AdapterError, ModelLoadError, QlorafitError, QuantizationError, TargetError
+from .errors import (
+    AdapterError,
+    DataError,
+    GenerationError,
+    ModelLoadError,
+    QlorafitError,
+    QuantizationError,
+    TargetError,
+)
 from .export.merged import save_merged
 from .export.quantized import save_quantized
 from .lora.inject import LoraConfig, add_lora, lora_summary, parameter_counts
@@ -16,6 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterError",
+    "DataError",
+    "GenerationError",
     "Linear4bit",
     "LoraConfig",
     "LoraLinear",

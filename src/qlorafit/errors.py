@@ -27,3 +27,7 @@ class TargetError(AdapterError):
 
 class DataError(QlorafitError):
     """Training data that cannot be read or used: names the file and line."""
+
+
+class GenerationError(QlorafitError, ValueError):
+    """Generation settings or a prompt that cannot be generated from."""

@@ -18,15 +18,11 @@ from torch import nn
 
 from .data.records import Record
 from .data.render import ensure_chat_template
-from .errors import DataError, QlorafitError
+from .errors import DataError, GenerationError
 
 # Chat templates end an assistant turn with one of these rather than (only) the tokenizer's eos.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>")
 _REPLACEMENT_CHAR = "\ufffd"  # what decode gives for an incomplete UTF-8 sequence
-
-
-class GenerationError(QlorafitError, ValueError):
-    """Generation settings or a prompt that cannot be generated from."""
 
 
 def _last_assistant(record: Record) -> int:
