@@ -69,7 +69,9 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="steps of linear warmup from 0 to lr")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm to this; null disables")
-    optimizer: Literal["adamw"] = Field("adamw", description="optimizer")
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = Field(
+        "adamw", description="adamw; adamw8bit keeps both moments in 8 bits; paged_* keep state in a file-backed map"
+    )
     grad_checkpointing: bool = Field(False, description="recompute each decoder layer in backward to save memory")
     seed: int = Field(0, description="seed for LoRA init, dropout and data order")
     log_every: int = Field(1, gt=0, description="log train loss every N steps")

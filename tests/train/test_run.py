@@ -102,3 +102,23 @@ def test_packing_and_gradient_checkpointing_train(tiny_chat_model_dir, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "packed" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] == r["loss"] and r["loss"] < 10 for r in rows if "loss" in r)  # finite, sane
     assert summary["eval_loss"] < 10
+
+
+def test_paged_8bit_optimizer_run_equals_in_memory_8bit_and_cleans_up(tiny_chat_model_dir, tmp_path):
+    adapters = {}
+    for name in ("adamw8bit", "paged_adamw8bit"):
+        cfg = _config(tiny_chat_model_dir, tmp_path, out=name, max_steps=3, optimizer=name, save_every=2)
+        run_training(cfg)
+        adapters[name] = (tmp_path / name / "adapter" / "adapter_model.safetensors").read_bytes()
+        assert not (tmp_path / name / "optimizer-pages").exists()
+    assert adapters["adamw8bit"] == adapters["paged_adamw8bit"]
+    cut = _config(tiny_chat_model_dir, tmp_path, out="resumed", max_steps=3, optimizer="paged_adamw8bit", save_every=2)
+
+    def stop(row):
+        if row.get("step") == 3 and "loss" in row:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cut, on_log=stop)
+    run_training(cut, resume=True)
+    assert (tmp_path / "resumed" / "adapter" / "adapter_model.safetensors").read_bytes() == adapters["adamw8bit"]

@@ -191,18 +191,18 @@ def _nearest_code_table(code: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(midpoints, grid, right=False).to(torch.uint8)
 
 
-_DYNAMIC_TABLE: torch.Tensor | None = None
+_TABLES: dict[bytes, torch.Tensor] = {}
 
 
 def _code_table(code: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    global _DYNAMIC_TABLE
-    if code is None:
-        if _DYNAMIC_TABLE is None:
-            _DYNAMIC_TABLE = _nearest_code_table(dynamic_map())
-        return dynamic_map(), _DYNAMIC_TABLE
+    """The code book (the dynamic map by default) and its nearest-code table, cached per code book."""
+    code = dynamic_map() if code is None else code.float().cpu()
     if code.numel() != 256:
         raise QuantizationError(f"an 8-bit code book needs 256 sorted values, got {code.numel()}")
-    return code.float().cpu(), _nearest_code_table(code)
+    key = code.numpy().tobytes()
+    if key not in _TABLES:
+        _TABLES[key] = _nearest_code_table(code)
+    return code, _TABLES[key]
 
 
 def quantize_blockwise(

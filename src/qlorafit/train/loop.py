@@ -24,6 +24,7 @@ from ..data.batches import batch_order, pack_rows, packed_batch, pad_batch
 from ..data.dataset import Dataset
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
 from .loss import IGNORE, causal_lm_loss
+from .optim import AdamW
 from .schedule import make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,16 @@ def collate(data: Dataset, batch: list[list[int]], run: Run) -> dict[str, torch.
     if run.packing:
         return packed_batch([[data.examples[i] for i in row] for row in batch], run.pad_id)
     return pad_batch([data.examples[row[0]] for row in batch], run.pad_id)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, output_dir: Path) -> torch.optim.Optimizer:
+    """The optimizer `cfg.optimizer` names, over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    bits = 8 if cfg.optimizer.endswith("8bit") else 32
+    paged = output_dir / "optimizer-pages" if cfg.optimizer.startswith("paged_") else None
+    return AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, bits=bits, paged=paged)
 
 
 def total_steps(n_batches: int, cfg: TrainConfig) -> int:
@@ -119,8 +130,7 @@ def _resume(run: Run, model, optimizer, scheduler) -> Position:
 def train(model: nn.Module, train_data: Dataset, eval_data: Dataset | None, cfg: TrainConfig, run: Run,
           resume: bool = False) -> dict:
     """Train the model's trainable (LoRA) parameters; returns the last eval metrics (or {})."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg, run.output_dir)
     n_batches = len(epoch_batches(train_data, cfg, run, 0))
     total = total_steps(n_batches, cfg)
     scheduler = make_scheduler(optimizer, total, cfg.warmup_steps, cfg.schedule)
@@ -156,4 +166,6 @@ def train(model: nn.Module, train_data: Dataset, eval_data: Dataset | None, cfg:
         last_eval = evaluate_loss(model, eval_data, cfg, run)
         _log(run, {"step": position.step, **last_eval})
     save_checkpoint(checkpoints, model, optimizer, scheduler, position, cfg.keep_last)
+    if hasattr(optimizer, "close"):
+        optimizer.close()
     return last_eval

@@ -20,7 +20,7 @@ from .loop import Run, train
 from .plot import plot_losses
 
 logger = logging.getLogger(__name__)
-_RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter", "loss.png", "summary.json")
+_RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter", "loss.png", "summary.json", "optimizer-pages")
 
 
 def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:

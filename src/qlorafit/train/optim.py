@@ -1,0 +1,163 @@
+"""AdamW with optimizer state that is small (8-bit) or can leave fast memory (paged).
+
+`AdamW(..., bits=8)` stores both moments as block-wise 8-bit codes (blocks of 256, one float32
+absmax each): the first moment with the signed dynamic map, the second with the unsigned one,
+as bitsandbytes' 8-bit optimizers do. Each step dequantizes a parameter's moments, updates them
+in float32 and quantizes them again, so state costs ~1 byte per moment instead of 4.
+Parameters smaller than `min_8bit_size` keep float32 moments (the saving is nil there).
+
+`paged=` a folder puts every state tensor in a file-backed shared memory map there: the OS can
+write those pages out and drop them under memory pressure instead of failing, and brings them
+back when the step touches them. The arithmetic is the same as in memory, so paged and
+in-memory runs give identical results. The files are removed by `close()`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..quant.blockwise import dequantize_blockwise, quantize_blockwise
+from ..quant.state import QuantState
+
+BLOCK = 256
+
+
+@functools.cache
+def unsigned_dynamic_map() -> torch.Tensor:
+    """The unsigned dynamic 8-bit map (for non-negative values such as Adam's second moment)."""
+    values: list[float] = []
+    for e in range(7):
+        bounds = torch.linspace(0.1, 1, 2 ** (e + 1) + 1, dtype=torch.float32)
+        values += ((10 ** (e - 6)) * (bounds[:-1] + bounds[1:]) / 2.0).tolist()
+    values = values[:254] + [0.0, 1.0]
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+class _Pager:
+    """Allocates state tensors, in memory or in file-backed shared maps under a folder."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self.count = 0
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def zeros(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.folder is None:
+            return torch.zeros(numel, dtype=dtype)
+        self.count += 1
+        path = self.folder / f"state-{self.count}.bin"
+        t = torch.from_file(str(path), shared=True, size=max(numel, 1), dtype=dtype)[:numel]
+        t.zero_()
+        return t
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW with 32- or 8-bit moments, optionally paged to a file-backed memory map."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, bits: int = 32, paged: str | os.PathLike | None = None,
+                 min_8bit_size: int = 4096) -> None:
+        if bits not in (8, 32):
+            raise ValueError(f"bits must be 8 or 32, got {bits}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.bits, self.min_8bit_size = bits, min_8bit_size
+        self.pager = _Pager(Path(paged) if paged is not None else None)
+
+    def _quantized(self, p: torch.Tensor) -> bool:
+        return self.bits == 8 and p.numel() >= self.min_8bit_size
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        n = p.numel()
+        state: dict = {"step": torch.zeros((), dtype=torch.float32)}
+        if self._quantized(p):
+            blocks = -(-n // BLOCK)
+            for name in ("exp_avg", "exp_avg_sq"):
+                state[f"{name}_codes"] = self.pager.zeros(n, torch.uint8)
+                state[f"{name}_absmax"] = self.pager.zeros(blocks, torch.float32)
+        else:
+            state["exp_avg"] = self.pager.zeros(n, torch.float32)
+            state["exp_avg_sq"] = self.pager.zeros(n, torch.float32)
+        return state
+
+    def _moments(self, state: dict, quantized: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if not quantized:
+            return state["exp_avg"], state["exp_avg_sq"]
+        return (
+            dequantize_blockwise(state["exp_avg_codes"], QuantState(state["exp_avg_absmax"], _signed_map(), BLOCK)),
+            dequantize_blockwise(state["exp_avg_sq_codes"], QuantState(state["exp_avg_sq_absmax"],
+                                                                       unsigned_dynamic_map(), BLOCK)),
+        )
+
+    def _store(self, state: dict, m: torch.Tensor, v: torch.Tensor) -> None:
+        for name, value, code in (("exp_avg", m, _signed_map()), ("exp_avg_sq", v, unsigned_dynamic_map())):
+            codes, qs = quantize_blockwise(value, code=code, blocksize=BLOCK)
+            state[f"{name}_codes"].copy_(codes)
+            state[f"{name}_absmax"].copy_(qs.absmax)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW update of every parameter that has a gradient."""
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(self._init_state(p))
+                quantized = "exp_avg_codes" in state
+                m, v = self._moments(state, quantized)
+                grad = p.grad.reshape(-1).float()
+                state["step"] += 1
+                step = float(state["step"])
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+                update = (m / denom).mul_(group["lr"] / (1 - beta1**step))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.sub_(update.view_as(p).to(p.dtype))
+                if quantized:
+                    self._store(state, m, v)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore state; paged tensors go back into their memory maps."""
+        super().load_state_dict(state_dict)
+        if self.pager.folder is None:
+            return
+        for state in self.state.values():
+            for key, value in list(state.items()):
+                if key != "step" and isinstance(value, torch.Tensor):
+                    paged = self.pager.zeros(value.numel(), value.dtype)
+                    paged.copy_(value.reshape(-1))
+                    state[key] = paged
+
+    def close(self) -> None:
+        """Remove the paged state files (the optimizer is unusable afterwards)."""
+        self.state.clear()
+        self.pager.close()
+
+
+def _signed_map() -> torch.Tensor:
+    from ..quant.codebooks import dynamic_map
+
+    return dynamic_map()
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by an optimizer's state tensors."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor))

@@ -1,0 +1,55 @@
+"""8-bit and paged AdamW: close to float32 AdamW, paged identical to in-memory, state 4x smaller."""
+
+import torch
+
+from qlorafit.train.optim import AdamW, state_bytes
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(64, 128, generator=g)
+    x = torch.randn(256, 128, generator=g)
+    return x, x @ target.t()
+
+
+def _fit(opt_factory, steps=60, seed=0):
+    x, y = _problem(seed)
+    w = torch.nn.Parameter(torch.zeros(64, 128))
+    opt = opt_factory([w])
+    losses = []
+    for _ in range(steps):
+        loss = ((x @ w.t() - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return w.detach(), losses, opt
+
+
+def test_32bit_matches_torch_adamw():
+    w_ours, _, _ = _fit(lambda p: AdamW(p, lr=1e-2, weight_decay=0.01))
+    w_ref, _, _ = _fit(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.01))
+    assert (w_ours - w_ref).abs().max() < 1e-5
+
+
+def test_8bit_tracks_32bit_and_stores_a_quarter():
+    _, l32, o32 = _fit(lambda p: AdamW(p, lr=1e-2))
+    _, l8, o8 = _fit(lambda p: AdamW(p, lr=1e-2, bits=8))
+    assert l8[-1] < 0.4 * l8[0]  # it optimizes
+    assert max(abs(a - b) / b for a, b in zip(l32, l8, strict=True)) < 0.02  # within 2% of fp32 all along
+    assert state_bytes(o8) < 0.3 * state_bytes(o32)
+
+
+def test_paged_equals_in_memory_and_survives_state_dict_round_trip(tmp_path):
+    for bits in (32, 8):
+        w_mem, _, _ = _fit(lambda p, b=bits: AdamW(p, lr=1e-2, bits=b), steps=20)
+        w_pag, _, opt = _fit(lambda p, b=bits: AdamW(p, lr=1e-2, bits=b, paged=tmp_path / f"pages{b}"), steps=20)
+        assert torch.equal(w_mem, w_pag)
+        assert any((tmp_path / f"pages{bits}").iterdir())
+        saved = opt.state_dict()
+        fresh = AdamW([torch.nn.Parameter(w_pag.clone())], lr=1e-2, bits=bits, paged=tmp_path / f"again{bits}")
+        fresh.load_state_dict(saved)
+        state = next(iter(fresh.state.values()))
+        assert all(torch.equal(state[k], v) for k, v in next(iter(opt.state.values())).items())
+        opt.close()
+        assert not (tmp_path / f"pages{bits}").exists()
