@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -32,9 +32,6 @@ class LoraConfig:
     rslora: bool = False
     # Filled in by add_lora: the full names of the wrapped modules.
     wrapped: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
