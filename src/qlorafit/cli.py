@@ -33,7 +33,10 @@ class _Progress:
     def write(self, text: str) -> None:
         from tqdm import tqdm
 
-        tqdm.write(text) if self.bar is not None else print(text, flush=True)
+        if self.bar is not None:
+            tqdm.write(text)
+        else:
+            print(text, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -20,6 +20,7 @@ from .data.batches import pad_batch
 from .data.records import Record
 from .data.render import Example
 from .errors import DataError
+from .fileio import atomic_write
 from .generate import eval_mode, generate_batch, model_device, prompt_messages, reference
 from .train.loss import causal_lm_loss
 
@@ -69,15 +70,5 @@ def eval_loss(model: nn.Module, examples: list[Example], batch_size: int = 4, pa
 
 def write_predictions(path: str | os.PathLike, predictions: list[dict]) -> None:
     """Write predictions as JSONL, one object a line; a failure leaves an existing file untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in predictions:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -214,7 +214,8 @@ def generate_batch(model: nn.Module, tokenizer, prompts: list[list[dict] | str],
     Batching matters most for a 4-bit model, whose every forward dequantizes every weight:
     one batch of 32 costs about what a single prompt does.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_token_ids(tokenizer)[0]
+    stops = stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     answers: list[str] = []
     device = model_device(model)
     with eval_mode(model), torch.inference_mode():
@@ -227,9 +228,8 @@ def generate_batch(model: nn.Module, tokenizer, prompts: list[list[dict] | str],
                 ids[row, width - len(e) :] = torch.tensor(e)
                 mask[row, width - len(e) :] = 1
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer),
+                                 max_new_tokens=max_new_tokens, eos_token_id=stops,
                                  pad_token_id=pad_id)
-            stops = set(stop_token_ids(tokenizer))
             for row in out[:, width:].tolist():
                 end = next((i for i, t in enumerate(row) if t in stops), len(row))
                 answers.append(tokenizer.decode(row[:end]))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..lora.layer import LoraLinear
-from ..lora.merge import _is_quantized, float_layer
+from ..lora.merge import float_layer, is_quantized
 from ..models.numerics import parse_dtype
 from .folder import write_hf_folder
 
@@ -27,7 +27,7 @@ def merged_tensors(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, 
         prefix = f"{module_name}." if module_name else ""
         if any(prefix.startswith(f) for f in folded):
             continue
-        if isinstance(module, LoraLinear) or _is_quantized(module):
+        if isinstance(module, LoraLinear) or is_quantized(module):
             folded.append(prefix)
             for attr, t in float_layer(module, dtype).named_parameters():
                 yield prefix + attr, t.detach()

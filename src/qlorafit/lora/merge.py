@@ -15,7 +15,8 @@ from .inject import _set_submodule
 from .layer import Conv1D, LoraLinear
 
 
-def _is_quantized(module: nn.Module) -> bool:
+def is_quantized(module: nn.Module) -> bool:
+    """True for a layer that stores its weight quantized (it has `dequantize()` and a quant state)."""
     return callable(getattr(module, "dequantize", None)) and hasattr(module, "quant_state")
 
 
@@ -52,7 +53,7 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
     replace = [name for name, m in model.named_modules() if isinstance(m, LoraLinear)]
     for name in replace:
         _set_submodule(model, name, float_layer(model.get_submodule(name), dtype))
-    quantized = [name for name, m in model.named_modules() if _is_quantized(m)]
+    quantized = [name for name, m in model.named_modules() if is_quantized(m)]
     for name in quantized:
         _set_submodule(model, name, float_layer(model.get_submodule(name), dtype))
     if hasattr(model, "lora_config"):

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import AdapterError
+from ..fileio import atomic_write
 from .inject import ALL_LINEAR, LoraConfig, _output_head_names, add_lora, find_targets, lora_layers
 from .layer import Conv1D
 
@@ -41,17 +42,6 @@ def _saved_targets(model: nn.Module, config: LoraConfig) -> str | list[str]:
     if set(find_targets(model, suffixes)) - heads == set(config.wrapped):
         return suffixes
     return sorted(config.wrapped)
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
@@ -103,8 +93,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     directory.mkdir(parents=True, exist_ok=True)
     config = adapter_config_dict(model, base_model_name_or_path)
     tensors = adapter_state_dict(model)
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return directory
 
 

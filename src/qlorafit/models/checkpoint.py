@@ -8,6 +8,7 @@ checkpoints are refused: they can run code when loaded.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -46,22 +47,26 @@ def alias_path(name: str) -> Path:
     return path
 
 
-def stream_safetensors(file: Path, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) from a safetensors file, one at a time, from its memory map."""
+@contextlib.contextmanager
+def _open_safetensors(file: Path):
+    """safe_open, with any read failure turned into a ModelLoadError naming the file."""
     try:
         with safe_open(str(file), framework="pt") as f:
-            for key in keys if keys is not None else list(f.keys()):
-                yield key, f.get_tensor(key)
+            yield f
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{file}: cannot read ({exc}); the file is truncated or corrupt, download it again") from exc
+
+
+def stream_safetensors(file: Path, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) from a safetensors file, one at a time, from its memory map."""
+    with _open_safetensors(file) as f:
+        for key in keys if keys is not None else list(f.keys()):
+            yield key, f.get_tensor(key)
 
 
 def _safetensors_keys(file: Path) -> list[str]:
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"{file}: cannot read ({exc}); the file is truncated or corrupt, download it again") from exc
+    with _open_safetensors(file) as f:
+        return list(f.keys())
 
 
 @dataclass
@@ -89,8 +94,8 @@ class ModelSource:
         single = self.path / "model.safetensors"
         return {k: single for k in _safetensors_keys(single)}
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor, str]]:
-        """Yield (key, tensor, file) one at a time."""
+    def tensors(self, skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor, str]]:
+        """Yield (key, tensor, file) one at a time, leaving out the keys in `skip`."""
         if self.kind == "gguf":
             from .gguf import iter_gguf_tensors
 
@@ -99,7 +104,8 @@ class ModelSource:
             return
         by_file: dict[Path, list[str]] = {}
         for key, file in self.tensor_files().items():
-            by_file.setdefault(file, []).append(key)
+            if key not in skip:
+                by_file.setdefault(file, []).append(key)
         for file, keys in by_file.items():
             for key, tensor in stream_safetensors(file, keys):
                 yield key, tensor, str(file)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -154,11 +153,6 @@ def _load_bnb_modules(model: nn.Module, keys: dict[str, Path], read, dtype: torc
     return used
 
 
-def _stream_into(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, str]], streamer: _Streamer) -> None:
-    for key, tensor, source in tensors:
-        streamer.put(key, tensor, source)
-
-
 def load_model(
     path: str | os.PathLike,
     quant: str = "nf4",
@@ -181,17 +175,20 @@ def load_model(
     source = resolve_model(path)
     model = empty_model(source.config)
     streamer = _Streamer(model, quant, double_quant, blocksize, dtype, device)
+    used: set[str] = set()
     if source.kind == "bnb4bit":
-        _load_prequantized(model, source, streamer, dtype, device)
-    else:
-        _stream_into(model, source.tensors(), streamer)
+        used = _load_prequantized(model, source, dtype, device)
+        streamer.targets = set()  # everything else is stored as it is
+    for key, tensor, file in source.tensors(skip=used):
+        streamer.put(key, tensor, file)
     model = _finish(model, str(source.path))
     model.name_or_path = str(source.name)
     model.qlorafit_source = source.describe(quant)
     return model, source.tokenizer()
 
 
-def _load_prequantized(model: nn.Module, source: ModelSource, streamer: _Streamer, dtype, device) -> None:
+def _load_prequantized(model: nn.Module, source: ModelSource, dtype, device) -> set[str]:
+    """Install the bitsandbytes 4-bit layers of a folder; returns the tensor keys they used."""
     keys = source.tensor_files()
 
     def read(key: str) -> torch.Tensor:
@@ -199,17 +196,6 @@ def _load_prequantized(model: nn.Module, source: ModelSource, streamer: _Streame
             raise ModelLoadError(f"{source.path}: 4-bit checkpoint is missing tensor {key}")
         return next(stream_safetensors(keys[key], [key]))[1]
 
-    used = _load_bnb_modules(model, keys, read, dtype, device)
-    streamer.targets = set()  # everything else is stored as it is
-    rest = ((k, t, str(keys[k])) for k, t in _read_keys(keys, [k for k in keys if k not in used]))
-    _stream_into(model, rest, streamer)
-
-
-def _read_keys(keys: dict[str, Path], wanted: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    by_file: dict[Path, list[str]] = {}
-    for k in wanted:
-        by_file.setdefault(keys[k], []).append(k)
-    for file, names in by_file.items():
-        yield from stream_safetensors(file, names)
+    return _load_bnb_modules(model, keys, read, dtype, device)
 
 

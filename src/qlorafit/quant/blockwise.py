@@ -113,8 +113,16 @@ def quantize_4bit(
     return packed, state
 
 
+def _scale_blocks_(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> None:
+    """Multiply each block of the flat `values` (the last may be short) by its scale, in place."""
+    blocks, tail = _split_blocks(values, blocksize)
+    blocks.mul_(scales[: blocks.shape[0]].view(-1, 1))
+    if tail.numel():
+        tail.mul_(scales[blocks.shape[0]])
+
+
 def block_scales(state: QuantState) -> torch.Tensor:
-    """The float32 per-block scales of a 4-bit state, undoing double quantization if used."""
+    """The float32 per-block scales of a state, undoing double quantization if used."""
     if state.state2 is None:
         return state.absmax.float()
     return (dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
@@ -157,11 +165,8 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     # buffer (a fresh 4-byte-per-weight buffer costs more in page faults than the decode).
     scratch = None if dtype == torch.float32 else _scratch(packed.numel() * 2, packed.device)
     values = _decode_codes(packed, state.quant_type, scratch)[:n]
-    blocks, tail = _split_blocks(values, state.blocksize)
-    blocks.mul_(scales[: blocks.shape[0]].view(-1, 1))
-    if tail.numel():
-        tail.mul_(scales[blocks.shape[0]])
-    return values.view(state.shape) if dtype == torch.float32 else values.view(state.shape).to(dtype)
+    _scale_blocks_(values, scales, state.blocksize)
+    return values.view(state.shape).to(dtype)  # no copy for float32
 
 
 _SCRATCH = threading.local()
@@ -238,12 +243,6 @@ def dequantize_blockwise(q: torch.Tensor, state: QuantState, dtype: torch.dtype 
     """Decode 8-bit block-wise codes back to `dtype` (default the state's dtype)."""
     if q.dtype != torch.uint8:
         raise QuantizationError(f"dequantize_blockwise expects uint8 codes, got {q.dtype}")
-    scales = state.absmax.float()
-    if state.state2 is not None:
-        scales = dequantize_blockwise(state.absmax, state.state2) + state.offset
     values = state.code.float()[q.reshape(-1).int()]
-    blocks, tail = _split_blocks(values, state.blocksize)
-    blocks.mul_(scales[: blocks.shape[0]].view(-1, 1))
-    if tail.numel():
-        tail.mul_(scales[blocks.shape[0]])
+    _scale_blocks_(values, block_scales(state), state.blocksize)
     return values.view(q.shape).to(dtype or state.dtype)

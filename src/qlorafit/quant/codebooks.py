@@ -77,6 +77,23 @@ def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 @functools.cache
+def _unsigned_dynamic_map_cpu() -> torch.Tensor:
+    # Unsigned: for e = 0..6, 2^(e+1) midpoints of [0.1, 1] * 10^(e-6); plus 0 and 1. Sorted.
+    values: list[float] = []
+    for e in range(7):
+        bounds = torch.linspace(0.1, 1, 2 ** (e + 1) + 1, dtype=torch.float32)
+        values += ((10 ** (e - 6)) * (bounds[:-1] + bounds[1:]) / 2.0).tolist()
+    values += [0.0, 1.0]  # 254 + 2 = 256
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def unsigned_dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 256-value unsigned dynamic 8-bit code book (non-negative data, e.g. Adam's second moment)."""
+    return _unsigned_dynamic_map_cpu().to(device)
+
+
+@functools.cache
 def _quantize_bounds_cpu(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     code = _code_4bit_cpu(quant_type)
     order = torch.argsort(code, stable=True)

@@ -22,6 +22,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..data.batches import batch_order, pack_rows, packed_batch, pad_batch
 from ..data.dataset import Dataset
+from ..evaluate import eval_loss
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
 from .loss import IGNORE, causal_lm_loss
 from .optim import AdamW
@@ -83,8 +84,6 @@ def _labelled(batch: dict[str, torch.Tensor]) -> int:
 
 def evaluate_loss(model: nn.Module, data: Dataset, cfg: TrainConfig, run: Run) -> dict:
     """Token-weighted mean cross-entropy and perplexity over a dataset (no dropout)."""
-    from ..evaluate import eval_loss
-
     result = eval_loss(model, data.examples, cfg.batch_size, run.pad_id)
     return {"eval_loss": result["loss"], "eval_ppl": result["perplexity"], "eval_tokens": result["tokens"]}
 

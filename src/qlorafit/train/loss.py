@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
+from ..data.render import IGNORE
+
 CHUNK_ROWS = 1024
 
 

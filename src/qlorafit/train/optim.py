@@ -14,7 +14,6 @@ in-memory runs give identical results. The files are removed by `close()`.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import shutil
@@ -23,21 +22,10 @@ from pathlib import Path
 import torch
 
 from ..quant.blockwise import dequantize_blockwise, quantize_blockwise
+from ..quant.codebooks import dynamic_map, unsigned_dynamic_map
 from ..quant.state import QuantState
 
 BLOCK = 256
-
-
-@functools.cache
-def unsigned_dynamic_map() -> torch.Tensor:
-    """The unsigned dynamic 8-bit map (for non-negative values such as Adam's second moment)."""
-    values: list[float] = []
-    for e in range(7):
-        bounds = torch.linspace(0.1, 1, 2 ** (e + 1) + 1, dtype=torch.float32)
-        values += ((10 ** (e - 6)) * (bounds[:-1] + bounds[1:]) / 2.0).tolist()
-    values = values[:254] + [0.0, 1.0]
-    values.sort()
-    return torch.tensor(values, dtype=torch.float32)
 
 
 class _Pager:
@@ -95,13 +83,13 @@ class AdamW(torch.optim.Optimizer):
         if not quantized:
             return state["exp_avg"], state["exp_avg_sq"]
         return (
-            dequantize_blockwise(state["exp_avg_codes"], QuantState(state["exp_avg_absmax"], _signed_map(), BLOCK)),
+            dequantize_blockwise(state["exp_avg_codes"], QuantState(state["exp_avg_absmax"], dynamic_map(), BLOCK)),
             dequantize_blockwise(state["exp_avg_sq_codes"], QuantState(state["exp_avg_sq_absmax"],
                                                                        unsigned_dynamic_map(), BLOCK)),
         )
 
     def _store(self, state: dict, m: torch.Tensor, v: torch.Tensor) -> None:
-        for name, value, code in (("exp_avg", m, _signed_map()), ("exp_avg_sq", v, unsigned_dynamic_map())):
+        for name, value, code in (("exp_avg", m, dynamic_map()), ("exp_avg_sq", v, unsigned_dynamic_map())):
             codes, qs = quantize_blockwise(value, code=code, blocksize=BLOCK)
             state[f"{name}_codes"].copy_(codes)
             state[f"{name}_absmax"].copy_(qs.absmax)
@@ -149,12 +137,6 @@ class AdamW(torch.optim.Optimizer):
         """Remove the paged state files (the optimizer is unusable afterwards)."""
         self.state.clear()
         self.pager.close()
-
-
-def _signed_map() -> torch.Tensor:
-    from ..quant.codebooks import dynamic_map
-
-    return dynamic_map()
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..fileio import atomic_write
+
 
 def plot_losses(metrics: Path, out: Path) -> Path:
     """Draw train and eval loss against the step into `out`."""
@@ -26,8 +28,7 @@ def plot_losses(metrics: Path, out: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    try:
+        return atomic_write(out, fig.savefig)
+    finally:
+        plt.close(fig)
