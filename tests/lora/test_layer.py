@@ -102,3 +102,48 @@ def test_bad_rank_or_dropout():
         LoraLinear.from_base(nn.Linear(4, 4), r=0, alpha=1)
     with pytest.raises(AdapterError, match="dropout"):
         LoraLinear.from_base(nn.Linear(4, 4), r=2, alpha=1, dropout=1.5)
+
+
+def _reference(layer, x, mask):
+    """base(x) + s * B(A(dropout(x))) written with plain autograd ops, the mask given."""
+    h = x if mask is None else x * mask / (1 - layer.dropout_p)
+    w = _dense_weight(layer.base_layer)
+    return F.linear(x, w, layer.base_layer.bias) + layer.scaling * (h @ layer.lora_A.weight.t() @ layer.lora_B.weight.t())
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "linear4bit"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_training_op_matches_plain_autograd(kind, dropout):
+    from qlorafit.lora import layer as layer_module
+
+    base = _bases()[kind]
+    for p in base.parameters():
+        p.requires_grad_(False)
+    layer = LoraLinear.from_base(base, r=4, alpha=8, dropout=dropout).train()
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 5, 40, requires_grad=True)
+    g = torch.randn(2, 5, 24)
+    out = layer(x)
+    mask = layer_module._MASKS.mask if dropout else None
+    if dropout:
+        assert mask.shape == x.shape and 0 < mask.float().mean() < 1
+    grads = torch.autograd.grad(out, [x, layer.lora_A.weight, layer.lora_B.weight], g)
+    expected = _reference(layer, x, mask)
+    expected_grads = torch.autograd.grad(expected, [x, layer.lora_A.weight, layer.lora_B.weight], g)
+    assert torch.allclose(out, expected, atol=1e-5)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_layers_reading_one_input_share_its_dropout_mask():
+    from qlorafit.lora import layer as layer_module
+
+    q, k = (LoraLinear.from_base(nn.Linear(40, 24).requires_grad_(False), r=4, alpha=8, dropout=0.5).train()
+            for _ in range(2))
+    x = torch.randn(8, 40)
+    q(x)
+    first = layer_module._MASKS.mask
+    k(x)
+    assert layer_module._MASKS.mask is first  # same input tensor: same mask
+    q(x.clone())
+    assert layer_module._MASKS.mask is not first and not torch.equal(layer_module._MASKS.mask, first)

@@ -7,11 +7,19 @@ The layer wraps the existing module and never learns its storage format: a base 
 a plain float linear layer only has to offer `dequantize(dtype)` returning its (out, in)
 weight. GPT-2's `Conv1D` keeps its weight as (in, out) and is handled by `_base_weight`.
 LoRA weights are always float32, whatever the base computes in.
+
+Training runs base and adapter as one autograd function (`_LoraMatmul`): the frozen weight is
+materialised (or dequantized into a reused buffer) only for the matmul that needs it, the
+update is added into the base output in place, and backward keeps only the input, the rank-r
+activation and the dropout mask as bytes. Layers that read the same input tensor (q/k/v,
+gate/up) share one dropout mask, drawn once per input; under activation checkpointing the
+recomputation restores the random state and draws the same masks again.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -47,6 +55,95 @@ def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return base.dequantize(dtype)
 
 
+def _frozen_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight (out, in) for one matmul: a view of a float weight, or a dequantized buffer.
+
+    For 4-bit layers the buffer is reused by the next call on this thread, so the result must
+    be consumed before any other weight is requested.
+    """
+    if isinstance(base, Conv1D):
+        return base.weight.t()
+    if isinstance(base, nn.Linear):
+        return base.weight
+    if hasattr(base, "quant_state"):
+        return base.dequantize(dtype, reuse_buffer=True)
+    return base.dequantize(dtype)
+
+
+def _compute_dtype(base: nn.Module) -> torch.dtype | None:
+    """The dtype the base multiplies in, or None if the fused path does not apply to it."""
+    if isinstance(base, (nn.Linear, Conv1D)):
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return None
+        return base.weight.dtype
+    return getattr(base, "compute_dtype", None)
+
+
+class _MaskCache:
+    """The dropout mask of the last input seen, so layers reading the same tensor share it."""
+
+    def __init__(self) -> None:
+        self.source: weakref.ref | None = None
+        self.key: tuple = ()
+        self.mask: torch.Tensor | None = None
+
+    def mask_for(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        key = (x._version, p, tuple(x.shape))
+        if self.source is None or self.source() is not x or self.key != key:
+            self.mask = torch.rand(x.shape, device=x.device) >= p  # keep with probability 1 - p
+            self.source, self.key = weakref.ref(x), key
+        return self.mask
+
+
+_MASKS = _MaskCache()
+
+
+class _LoraMatmul(torch.autograd.Function):
+    """y = x W^T + b + s * (dropout(x) A^T) B^T in one op; saves x, the rank-r activation and the mask."""
+
+    @staticmethod
+    def forward(ctx, x, weight_a, weight_b, layer, mask):
+        x2 = x.reshape(-1, x.shape[-1])
+        out = x2 @ _frozen_weight(layer.base_layer, x.dtype).t()
+        bias = getattr(layer.base_layer, "bias", None)
+        if bias is not None:
+            out += bias
+        h = x2.float() if mask is None else x2.float() * mask.reshape(x2.shape) * (1.0 / (1.0 - layer.dropout_p))
+        a = h @ weight_a.t()  # (tokens, r)
+        del h
+        if out.dtype == torch.float32:
+            out.addmm_(a, weight_b.t(), alpha=layer.scaling)
+        else:
+            out += (a @ weight_b.t() * layer.scaling).to(out.dtype)
+        ctx.layer = layer
+        ctx.save_for_backward(x, weight_a, weight_b, a, mask)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight_a, weight_b, a, mask = ctx.saved_tensors
+        layer = ctx.layer
+        s, keep = layer.scaling, 1.0 / (1.0 - layer.dropout_p)
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        gf = g.float()
+        grad_a_act = (gf @ weight_b).mul_(s)  # d loss / d a: (tokens, r)
+        grad_b = (gf.t() @ a).mul_(s)
+        del gf
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        h = x2 if mask is None else x2 * mask.reshape(x2.shape) * keep
+        grad_a = grad_a_act.t() @ h
+        del h, x2
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ _frozen_weight(layer.base_layer, g.dtype)
+            lora_x = grad_a_act @ weight_a
+            if mask is not None:
+                lora_x.mul_(mask.reshape(lora_x.shape)).mul_(keep)
+            grad_x += lora_x.to(grad_x.dtype)
+            grad_x = grad_x.view(x.shape)
+        return grad_x, grad_a, grad_b, None, None
+
+
 class LoraLinear(nn.Module):
     """A linear layer (float, Conv1D or 4-bit) with a trainable rank-`r` update."""
 
@@ -64,6 +161,7 @@ class LoraLinear(nn.Module):
         self.alpha = alpha
         self.rslora = rslora
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.dropout_p = float(dropout)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = _device_of(base)
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
@@ -90,9 +188,12 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.merged:
-            return out
+            return self.base_layer(x)
+        if torch.is_grad_enabled() and _compute_dtype(self.base_layer) == x.dtype:
+            mask = _MASKS.mask_for(x, self.dropout_p) if self.training and self.dropout_p > 0 else None
+            return _LoraMatmul.apply(x, self.lora_A.weight, self.lora_B.weight, self, mask)
+        out = self.base_layer(x)
         h = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         return out + (self.lora_B(self.lora_A(h)) * self.scaling).to(out.dtype)
 

@@ -88,9 +88,14 @@ class _Streamer:
                 f"{source}: tensor {key} has shape {tuple(tensor.shape)} but the model built from its config "
                 f"expects {tuple(expected.shape)}; the checkpoint and its config.json do not match"
             )
+        original = tensor
         tensor = tensor.to(self.device)
         if tensor.is_floating_point():
             tensor = tensor.to(self.dtype)
+        if tensor is original and module_name not in self.targets:
+            # A kept tensor must own its memory: a view would pin the file's whole memory map
+            # (every page the loader read) in the process for as long as the model lives.
+            tensor = tensor.clone()
         big = tensor.numel() >= _TRIM_ELEMENTS
         if module_name in self.targets:
             self._put_quantized(module_name, attr, tensor)

@@ -148,10 +148,14 @@ def _decode_codes(packed: torch.Tensor, quant_type: str, out: torch.Tensor | Non
     return out
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None,
+                    reuse_buffer: bool = False) -> torch.Tensor:
     """Decode packed 4-bit codes to a tensor of `state.shape` in `dtype` (default `state.dtype`).
 
     Values are scaled per block in float32 and rounded once into `dtype`, like bitsandbytes.
+    With `reuse_buffer`, float32 output is written into a per-thread buffer that the next call
+    with `reuse_buffer` overwrites (no allocation, no page faults: for a weight that one matmul
+    consumes and drops).
     """
     dtype = dtype or state.dtype
     n = state.shape.numel()
@@ -163,7 +167,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     scales = block_scales(state)
     # Another dtype is rounded from float32 values: decode into a reused float32 scratch
     # buffer (a fresh 4-byte-per-weight buffer costs more in page faults than the decode).
-    scratch = None if dtype == torch.float32 else _scratch(packed.numel() * 2, packed.device)
+    scratch = None if dtype == torch.float32 and not reuse_buffer else _scratch(packed.numel() * 2, packed.device)
     values = _decode_codes(packed, state.quant_type, scratch)[:n]
     _scale_blocks_(values, scales, state.blocksize)
     return values.view(state.shape).to(dtype)  # no copy for float32

@@ -28,13 +28,13 @@ class _Matmul4bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x, layer.dequantize(x.dtype), _bias(layer, x.dtype))
+        return F.linear(x, layer.dequantize(x.dtype, reuse_buffer=True), _bias(layer, x.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None
-        weight = ctx.layer.dequantize(grad_out.dtype)  # (out, in)
+        weight = ctx.layer.dequantize(grad_out.dtype, reuse_buffer=True)  # (out, in)
         return grad_out @ weight, None
 
 
@@ -84,9 +84,13 @@ class Linear4bit(nn.Module):
         """Quantize an existing `nn.Linear` into a new layer."""
         return cls.from_weight(linear.weight.detach(), linear.bias, **kwargs)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The (out, in) weight in `dtype` (default: the compute dtype)."""
-        return dequantize_4bit(self.weight, self.quant_state, dtype or self.compute_dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, reuse_buffer: bool = False) -> torch.Tensor:
+        """The (out, in) weight in `dtype` (default: the compute dtype).
+
+        With `reuse_buffer` a float32 result lives in a per-thread buffer that the next such
+        call overwrites: for a weight consumed by one matmul and then dropped.
+        """
+        return dequantize_4bit(self.weight, self.quant_state, dtype or self.compute_dtype, reuse_buffer=reuse_buffer)
 
     def requantize(self, weight: torch.Tensor) -> None:
         """Replace the stored weight by `weight` (out, in), quantized with the same settings."""

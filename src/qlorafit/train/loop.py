@@ -73,6 +73,14 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, output_dir: Path) -> torc
     return AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, bits=bits, paged=paged)
 
 
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward instead of keeping its activations."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def total_steps(n_batches: int, cfg: TrainConfig) -> int:
     """Optimizer steps of the run: max_steps, or epochs x ceil(batches / grad_accum)."""
     return cfg.max_steps or cfg.epochs * math.ceil(n_batches / cfg.grad_accum)
@@ -88,19 +96,22 @@ def evaluate_loss(model: nn.Module, data: Dataset, cfg: TrainConfig, run: Run) -
     return {"eval_loss": result["loss"], "eval_ppl": result["perplexity"], "eval_tokens": result["tokens"]}
 
 
-def _step(model, optimizer, scheduler, micro: list[dict[str, torch.Tensor]], cfg: TrainConfig) -> float:
-    """One optimizer step over `micro`; the loss is averaged over all their labelled tokens."""
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[dict[str, torch.Tensor]],
+               max_grad_norm: float | None = None) -> float:
+    """One optimizer step over the micro-batches `micro`; returns the mean loss per labelled token.
+
+    Gradients are accumulated token-weighted: the loss is the sum over all labelled tokens of
+    all micro-batches divided by their count, as if they were one batch.
+    """
     tokens = sum(_labelled(b) for b in micro)
     total = 0.0
     for batch in micro:
         loss_sum, _ = causal_lm_loss(model, batch)
         (loss_sum / max(tokens, 1)).backward()
         total += float(loss_sum.detach())
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
     optimizer.step()
-    scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return total / max(tokens, 1)
 
@@ -143,7 +154,8 @@ def train(model: nn.Module, train_data: Dataset, eval_data: Dataset | None, cfg:
         while position.batch < len(batches) and position.step < total:
             chosen = batches[position.batch : position.batch + cfg.grad_accum]
             lr = scheduler.get_last_lr()[0]
-            loss = _step(model, optimizer, scheduler, [collate(train_data, b, run) for b in chosen], cfg)
+            loss = train_step(model, optimizer, [collate(train_data, b, run) for b in chosen], cfg.max_grad_norm)
+            scheduler.step()
             position.batch += len(chosen)
             position.step += 1
             tokens_seen += sum(len(train_data.examples[i]) for b in chosen for row in b for i in row)

@@ -16,7 +16,7 @@ from ..errors import QlorafitError
 from ..lora.inject import add_lora
 from ..lora.peft_io import save_adapter
 from ..models.load import load_model
-from .loop import Run, train
+from .loop import Run, enable_grad_checkpointing, train
 from .plot import plot_losses
 
 logger = logging.getLogger(__name__)
@@ -57,10 +57,7 @@ def run_training(config: RunConfig, resume: bool = False, overwrite: bool = Fals
     lc = config.lora
     add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets, rslora=lc.rslora)
     if config.train.grad_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_grad_checkpointing(model)
     d = config.data
     train_data = load_dataset(d.train, tokenizer, d.format, d.max_length, d.train_on)
     eval_data = load_dataset(d.eval, tokenizer, d.format, d.max_length, d.train_on) if d.eval else None
