@@ -127,9 +127,12 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path):
     build_tiny("llama").save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelLoadError, match=r"model.safetensors: cannot read .*truncated or corrupt"):
-        qlorafit.load_model(tmp_path)
+    for broken, why in [(data[: len(data) // 2], "points at bytes"), (data[:5], "too short"),
+                        (data[:8] + b"{not json" + data[17:], "not valid JSON"),
+                        ((2**40).to_bytes(8, "little") + data[8:], "header length")]:
+        weights.write_bytes(broken)
+        with pytest.raises(ModelLoadError, match=rf"model.safetensors: .*{why}.*truncated or corrupt"):
+            qlorafit.load_model(tmp_path)
     weights.write_bytes(data)
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 256

@@ -18,9 +18,11 @@ def _batch(seed=0):
 
 
 @pytest.mark.parametrize("chunk_rows", [1024, 3])
-def test_loss_and_grads_match_transformers(tiny_model_dir, chunk_rows):
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "down_proj", "lm_head"]])
+def test_loss_and_grads_match_transformers(tiny_model_dir, chunk_rows, targets):
+    """A frozen head takes the hand-written chunked path; a LoRA-wrapped head the checkpointed one."""
     model, _ = qlorafit.load_model(tiny_model_dir("llama"), quant="nf4")
-    qlorafit.add_lora(model, r=4, alpha=8)
+    qlorafit.add_lora(model, r=4, alpha=8, targets=targets)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:

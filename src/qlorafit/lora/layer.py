@@ -98,6 +98,12 @@ class _MaskCache:
 _MASKS = _MaskCache()
 
 
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x (float32) with the dropped positions zeroed; x itself when there is no mask."""
+    x = x.float()
+    return x if mask is None else torch.where(mask.reshape(x.shape), x, 0.0)
+
+
 class _LoraMatmul(torch.autograd.Function):
     """y = x W^T + b + s * (dropout(x) A^T) B^T in one op; saves x, the rank-r activation and the mask."""
 
@@ -108,9 +114,10 @@ class _LoraMatmul(torch.autograd.Function):
         bias = getattr(layer.base_layer, "bias", None)
         if bias is not None:
             out += bias
-        h = x2.float() if mask is None else x2.float() * mask.reshape(x2.shape) * (1.0 / (1.0 - layer.dropout_p))
-        a = h @ weight_a.t()  # (tokens, r)
-        del h
+        # dropout(x) A^T = ((x * mask) A^T) / (1 - p): the scale goes on the rank-r side
+        a = _masked(x2, mask) @ weight_a.t()  # (tokens, r)
+        if mask is not None:
+            a.mul_(1.0 / (1.0 - layer.dropout_p))
         if out.dtype == torch.float32:
             out.addmm_(a, weight_b.t(), alpha=layer.scaling)
         else:
@@ -129,16 +136,13 @@ class _LoraMatmul(torch.autograd.Function):
         grad_a_act = (gf @ weight_b).mul_(s)  # d loss / d a: (tokens, r)
         grad_b = (gf.t() @ a).mul_(s)
         del gf
-        x2 = x.reshape(-1, x.shape[-1]).float()
-        h = x2 if mask is None else x2 * mask.reshape(x2.shape) * keep
-        grad_a = grad_a_act.t() @ h
-        del h, x2
+        if mask is not None:
+            grad_a_act.mul_(keep)  # now d loss / d (x * mask) A^T
+        grad_a = grad_a_act.t() @ _masked(x.reshape(-1, x.shape[-1]), mask)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ _frozen_weight(layer.base_layer, g.dtype)
-            lora_x = grad_a_act @ weight_a
-            if mask is not None:
-                lora_x.mul_(mask.reshape(lora_x.shape)).mul_(keep)
+            lora_x = _masked(grad_a_act @ weight_a, mask)
             grad_x += lora_x.to(grad_x.dtype)
             grad_x = grad_x.view(x.shape)
         return grad_x, grad_a, grad_b, None, None

@@ -8,7 +8,6 @@ checkpoints are refused: they can run code when loaded.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import ModelLoadError
 
@@ -47,26 +45,84 @@ def alias_path(name: str) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _open_safetensors(file: Path):
-    """safe_open, with any read failure turned into a ModelLoadError naming the file."""
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def _corrupt(file: Path, what: str) -> ModelLoadError:
+    return ModelLoadError(f"{file}: {what}; the file is truncated or corrupt, download it again")
+
+
+def safetensors_header(file: Path) -> tuple[dict[str, dict], int]:
+    """The validated tensor entries of a safetensors file and the byte offset of its data."""
     try:
-        with safe_open(str(file), framework="pt") as f:
-            yield f
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"{file}: cannot read ({exc}); the file is truncated or corrupt, download it again") from exc
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _corrupt(file, f"{size} bytes is too short for a safetensors header")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, _MAX_HEADER):
+                raise _corrupt(file, f"header length {n} does not fit in the file's {size} bytes")
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        raise ModelLoadError(f"{file}: cannot read ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _corrupt(file, f"header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise _corrupt(file, "header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for key, entry in header.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = [int(d) for d in entry["shape"]]
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _corrupt(file, f"tensor {key!r} has a malformed entry {entry!r}") from exc
+        numel = 1
+        for d in shape:
+            numel *= d
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_size or end - begin != numel * dtype.itemsize:
+            raise _corrupt(file, f"tensor {key!r} ({entry['dtype']} {shape}) points at bytes {begin}..{end} "
+                                 f"of {data_size}")
+        entry["torch_dtype"], entry["shape"], entry["range"] = dtype, shape, (begin, end)
+    return header, 8 + n
 
 
 def stream_safetensors(file: Path, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) from a safetensors file, one at a time, from its memory map."""
-    with _open_safetensors(file) as f:
-        for key in keys if keys is not None else list(f.keys()):
-            yield key, f.get_tensor(key)
+    """Yield (key, tensor) from a safetensors file, one at a time, each read into its own memory.
+
+    Plain reads, not a memory map: a map would count every page read so far in the process's
+    resident memory until it is closed, and a tensor viewing it would keep it open.
+    """
+    header, start = safetensors_header(file)
+    if keys is None:
+        keys = sorted(header, key=lambda k: header[k]["range"])
+    try:
+        with open(file, "rb") as f:
+            for key in keys:
+                if key not in header:
+                    raise ModelLoadError(f"{file}: has no tensor {key!r}; the checkpoint is incomplete")
+                entry = header[key]
+                begin, end = entry["range"]
+                tensor = torch.empty(entry["shape"], dtype=entry["torch_dtype"])
+                if end > begin:
+                    f.seek(start + begin)
+                    if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
+                        raise _corrupt(file, f"tensor {key!r} is cut short")
+                yield key, tensor
+    except OSError as exc:
+        raise ModelLoadError(f"{file}: cannot read ({exc})") from exc
 
 
 def _safetensors_keys(file: Path) -> list[str]:
-    with _open_safetensors(file) as f:
-        return list(f.keys())
+    return list(safetensors_header(file)[0])
 
 
 @dataclass

@@ -132,6 +132,7 @@ def _finish(model: nn.Module, source: str) -> nn.Module:
         raise ModelLoadError(f"{source}: the checkpoint lacks weights the model needs: {shown}")
     for p in model.parameters():
         p.requires_grad_(False)
+    release_freed_memory()  # the quantizer's temporaries, freed but still held by the allocator
     return model
 
 
