@@ -211,7 +211,7 @@ def _build_qlorafit(stack: str, model_dir: str, ckpt: bool):
         enable_grad_checkpointing(model)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    return model, lambda batch: train_step(model, opt, [batch], 1.0)
+    return model, lambda batch: train_step(model, opt, [batch], 1.0)[0]
 
 
 def _build_peft(stack: str, model_dir: str, ckpt: bool):

@@ -8,6 +8,8 @@ from .errors import (
     QlorafitError,
     QuantizationError,
     TargetError,
+    TrainingError,
+    TrainingInterrupted,
 )
 from .export.merged import save_merged
 from .export.quantized import save_quantized
@@ -34,6 +36,8 @@ __all__ = [
     "QuantState",
     "QuantizationError",
     "TargetError",
+    "TrainingError",
+    "TrainingInterrupted",
     "add_lora",
     "dequantize_4bit",
     "dequantize_blockwise",

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import QlorafitError
+from .errors import QlorafitError, TrainingInterrupted
 
 MODEL_HELP = "HF model folder, .gguf file, bitsandbytes 4-bit folder, or alias (smollm2-135m-instruct)"
 
@@ -145,6 +145,29 @@ def _demo(args: argparse.Namespace) -> None:
           f"predictions: {Path(args.out) / 'predictions-after.jsonl'}")
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from .models.checkpoint import resolve_model
+    from .plan import plan, shape_from_config, shape_from_params
+
+    if args.model:
+        shape = shape_from_config(resolve_model(args.model).config, name=args.model)
+    else:
+        shape = shape_from_params(_parse_count(args.params))
+    result = plan(shape, method=args.method, batch=args.batch, seq=args.seq, rank=args.rank, optimizer=args.optimizer,
+                  grad_checkpointing=args.grad_checkpointing, device=args.device)
+    print(result.table())
+
+
+def _parse_count(text: str) -> float:
+    """'7B', '135M', '6.7e9' -> a parameter count."""
+    t = text.strip().upper()
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}.get(t[-1:], 1.0)
+    try:
+        return float(t[:-1] if scale != 1.0 else t) * scale
+    except ValueError:
+        raise QlorafitError(f"--params {text!r}: write a count like 7B, 135M or 6.7e9") from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--adapter", help="adapter folder in PEFT layout (optional)")
@@ -195,6 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     merge.set_defaults(func=_merge)
 
+    pl = sub.add_parser("plan", help="predict a run's memory (weights, adapters, optimizer, activations) and whether it fits")
+    which = pl.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help=MODEL_HELP + " (only its config is read)")
+    which.add_argument("--params", help="size of a Llama-shaped model instead, e.g. 7B, 65B, 135M")
+    pl.add_argument("--method", default="qlora", choices=["qlora", "lora", "full"], help="default qlora")
+    pl.add_argument("--seq", type=int, default=512, help="tokens per example (default 512)")
+    pl.add_argument("--batch", type=int, default=4, help="examples per micro-batch (default 4)")
+    pl.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    pl.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"])
+    pl.add_argument("--grad-checkpointing", action="store_true", help="plan with activation checkpointing on")
+    pl.add_argument("--device", default="cpu", help="cpu, cuda, or a size: cpu:16GB, cuda:24GB (default: this CPU)")
+    pl.set_defaults(func=_plan)
+
     demo = sub.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct on a bundled task; accuracy before/after")
     demo.add_argument("--out", default="runs/demo", help="folder for data, run and predictions (default runs/demo)")
     demo.add_argument("--steps", type=int, default=25, help="optimizer steps (default 25)")
@@ -207,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.func(args)
+    except TrainingInterrupted as exc:
+        print(f"\nqlorafit: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except QlorafitError as exc:
         print(f"qlorafit: error: {exc}", file=sys.stderr)
         return 2

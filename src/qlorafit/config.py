@@ -72,7 +72,13 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = Field(
         "adamw", description="adamw; adamw8bit keeps both moments in 8 bits; paged_* keep state in a file-backed map"
     )
-    grad_checkpointing: bool = Field(False, description="recompute each decoder layer in backward to save memory")
+    grad_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute each decoder layer in backward to save memory; auto = only when the memory "
+        "planner says the run would not fit otherwise"
+    )
+    max_bad_steps: int = Field(
+        5, gt=0, description="stop after this many steps in a row with a NaN or infinite loss or gradient (each is skipped)"
+    )
     seed: int = Field(0, description="seed for LoRA init, dropout and data order")
     log_every: int = Field(1, gt=0, description="log train loss every N steps")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")

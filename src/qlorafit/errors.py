@@ -31,3 +31,15 @@ class DataError(QlorafitError):
 
 class GenerationError(QlorafitError, ValueError):
     """Generation settings or a prompt that cannot be generated from."""
+
+
+class TrainingError(QlorafitError):
+    """A run that had to stop: too many non-finite steps, a full disk, an interruption."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGINT or SIGTERM: a checkpoint was saved and the run can be resumed."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

@@ -9,6 +9,7 @@ Only files this module wrote are read back, with `torch.load(weights_only=True)`
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ class Position:
     step: int = 0
     epoch: int = 0
     batch: int = 0
+    skipped: int = 0  # steps whose update was skipped (NaN or infinite loss or gradient)
 
 
 def _sha256(path: Path) -> str:
@@ -73,7 +75,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: Path, model, optimizer, scheduler, position: Position, keep_last: int) -> Path:
-    """Write `root/step-N` atomically and remove all but the newest `keep_last` checkpoints."""
+    """Write `root/step-N` atomically and remove all but the newest `keep_last` checkpoints.
+
+    If writing fails (a full disk, a quota), the partial folder is removed, every earlier
+    checkpoint is left as it was, and a CheckpointError says what happened.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{position.step}"
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
@@ -86,14 +92,35 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, position: Position,
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         (tmp / "manifest.json").write_text(json.dumps({"step": position.step, "files": files}, indent=2))
         _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # the same step again (a resumed run's final save): swap, never delete first
+            old = root / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except (OSError, RuntimeError) as exc:
+        reason = "the disk is full" if getattr(exc, "errno", None) == errno.ENOSPC or "No space" in str(exc) else str(exc)
+        previous = [p.name for p in list_checkpoints(root)]
+        raise CheckpointError(
+            f"{final}: could not write the checkpoint ({reason}); it was not saved and the earlier checkpoints "
+            f"({', '.join(previous) or 'none'}) are untouched. Free space, then continue with --resume."
+        ) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_partial(root: Path) -> list[str]:
+    """Delete temporary folders left by a checkpoint write that was killed; returns their names."""
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.name.startswith(f".{PREFIX}") and (".tmp-" in p.name or ".old-" in p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in stale]
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -111,11 +138,16 @@ def verify(folder: Path) -> str | None:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"no readable manifest ({exc})"
+    if not isinstance(files, dict):
+        return "manifest has no file table"
     for name, meta in files.items():
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", "..") or \
+                not isinstance(meta, dict):
+            return f"manifest names a file outside the checkpoint ({name!r})"
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != meta["size"] or _sha256(path) != meta["sha256"]:
+        if path.stat().st_size != meta.get("size") or _sha256(path) != meta.get("sha256"):
             return f"{name} does not match its manifest (size or sha256)"
     return None
 

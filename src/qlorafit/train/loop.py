@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +24,9 @@ from torch import nn
 from ..config import TrainConfig
 from ..data.batches import batch_order, pack_rows, packed_batch, pad_batch
 from ..data.dataset import Dataset
+from ..errors import TrainingError, TrainingInterrupted
 from ..evaluate import eval_loss
-from .checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Position, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .loss import IGNORE, causal_lm_loss
 from .optim import AdamW
 from .schedule import make_scheduler
@@ -97,11 +100,13 @@ def evaluate_loss(model: nn.Module, data: Dataset, cfg: TrainConfig, run: Run) -
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[dict[str, torch.Tensor]],
-               max_grad_norm: float | None = None) -> float:
-    """One optimizer step over the micro-batches `micro`; returns the mean loss per labelled token.
+               max_grad_norm: float | None = None) -> tuple[float, bool]:
+    """One optimizer step over the micro-batches `micro`: (mean loss per labelled token, applied).
 
     Gradients are accumulated token-weighted: the loss is the sum over all labelled tokens of
-    all micro-batches divided by their count, as if they were one batch.
+    all micro-batches divided by their count, as if they were one batch. When the loss or any
+    gradient is NaN or infinite the update is not applied (`applied` is False) and the
+    gradients are dropped, so one bad batch cannot poison the adapter.
     """
     tokens = sum(_labelled(b) for b in micro)
     total = 0.0
@@ -109,11 +114,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[d
         loss_sum, _ = causal_lm_loss(model, batch)
         (loss_sum / max(tokens, 1)).backward()
         total += float(loss_sum.detach())
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
-    optimizer.step()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params if p.grad is not None]
+    finite = math.isfinite(total) and all(bool(torch.isfinite(g).all()) for g in grads)
+    if finite:
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / max(tokens, 1)
+    return total / max(tokens, 1), finite
 
 
 def _log(run: Run, row: dict) -> None:
@@ -123,7 +132,17 @@ def _log(run: Run, row: dict) -> None:
         run.on_log(row)
 
 
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a crash counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def _resume(run: Run, model, optimizer, scheduler) -> Position:
+    for name in remove_partial(run.output_dir / "checkpoints"):
+        logger.warning("removed %s, a checkpoint write that did not finish", name)
     folder = latest_checkpoint(run.output_dir / "checkpoints")
     if folder is None:
         logger.warning("%s: no complete checkpoint to resume from; starting at step 0", run.output_dir)
@@ -131,16 +150,51 @@ def _resume(run: Run, model, optimizer, scheduler) -> Position:
     position = load_checkpoint(folder, model, optimizer, scheduler)
     metrics = run.output_dir / "metrics.jsonl"
     if metrics.is_file():  # forget what was logged after the checkpoint: those steps run again
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= position.step]
+        kept = [line for line in metrics.read_text().splitlines() if _logged_step(line) <= position.step]
         metrics.write_text("".join(line + "\n" for line in kept))
     logger.info("resuming from %s (step %d)", folder, position.step)
     return position
+
+
+class _StopSignals:
+    """Turns SIGINT / SIGTERM into a request to stop after the current step (main thread only).
+
+    A second signal while stopping raises KeyboardInterrupt at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def train(model: nn.Module, train_data: Dataset, eval_data: Dataset | None, cfg: TrainConfig, run: Run,
           resume: bool = False) -> dict:
     """Train the model's trainable (LoRA) parameters; returns the last eval metrics (or {})."""
     optimizer = make_optimizer(model, cfg, run.output_dir)
+    try:
+        with _StopSignals() as stop:
+            return _train(model, optimizer, train_data, eval_data, cfg, run, resume, stop)
+    finally:
+        if hasattr(optimizer, "close"):
+            optimizer.close()
+
+
+def _train(model, optimizer, train_data, eval_data, cfg: TrainConfig, run: Run, resume: bool, stop: _StopSignals) -> dict:
     n_batches = len(epoch_batches(train_data, cfg, run, 0))
     total = total_steps(n_batches, cfg)
     scheduler = make_scheduler(optimizer, total, cfg.warmup_steps, cfg.schedule)
@@ -148,21 +202,36 @@ def train(model: nn.Module, train_data: Dataset, eval_data: Dataset | None, cfg:
     model.train()
     checkpoints = run.output_dir / "checkpoints"
     last_eval: dict = {}
+    bad_in_row = 0
     start, tokens_seen = time.perf_counter(), 0
     while position.step < total:
         batches = epoch_batches(train_data, cfg, run, position.epoch)
         while position.batch < len(batches) and position.step < total:
             chosen = batches[position.batch : position.batch + cfg.grad_accum]
             lr = scheduler.get_last_lr()[0]
-            loss = train_step(model, optimizer, [collate(train_data, b, run) for b in chosen], cfg.max_grad_norm)
+            loss, applied = train_step(model, optimizer, [collate(train_data, b, run) for b in chosen], cfg.max_grad_norm)
             scheduler.step()
             position.batch += len(chosen)
             position.step += 1
+            bad_in_row = 0 if applied else bad_in_row + 1
+            position.skipped += not applied
             tokens_seen += sum(len(train_data.examples[i]) for b in chosen for row in b for i in row)
             elapsed = time.perf_counter() - start
-            if position.step % cfg.log_every == 0 or position.step == total:
+            if not applied or position.step % cfg.log_every == 0 or position.step == total:
                 _log(run, {"step": position.step, "epoch": position.epoch, "loss": loss, "lr": lr,
-                           "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": elapsed, "total_steps": total})
+                           "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": elapsed, "total_steps": total,
+                           **({} if applied else {"skipped": True, "skipped_total": position.skipped})})
+            if not applied:
+                logger.warning("step %d: NaN or infinite loss or gradient; update skipped (%d in a row)",
+                               position.step, bad_in_row)
+                if bad_in_row >= cfg.max_bad_steps:
+                    good = latest_checkpoint(checkpoints)
+                    raise TrainingError(
+                        f"{run.output_dir}: {bad_in_row} steps in a row (up to step {position.step}) had a NaN or "
+                        f"infinite loss or gradient, so the run stopped; the last good checkpoint is "
+                        f"{good or 'none (no checkpoint was saved yet)'}. Lower train.lr, check the data, or raise "
+                        "train.max_bad_steps."
+                    )
             if eval_data is not None and cfg.eval_every and position.step % cfg.eval_every == 0 and position.step < total:
                 last_eval = evaluate_loss(model, eval_data, cfg, run)
                 _log(run, {"step": position.step, **last_eval})
@@ -171,12 +240,16 @@ def train(model: nn.Module, train_data: Dataset, eval_data: Dataset | None, cfg:
                 position.epoch, position.batch = position.epoch + 1, 0
             if cfg.save_every and position.step % cfg.save_every == 0 and position.step < total:
                 save_checkpoint(checkpoints, model, optimizer, scheduler, position, cfg.keep_last)
+            if stop.signum is not None and position.step < total:
+                folder = save_checkpoint(checkpoints, model, optimizer, scheduler, position, cfg.keep_last)
+                name = signal.Signals(stop.signum).name
+                raise TrainingInterrupted(
+                    f"{name} received: stopped after step {position.step} of {total} and saved {folder}; "
+                    "continue with the same command plus --resume", stop.signum)
             if epoch_done:
                 break  # the next epoch has its own order
     if eval_data is not None:
         last_eval = evaluate_loss(model, eval_data, cfg, run)
         _log(run, {"step": position.step, **last_eval})
     save_checkpoint(checkpoints, model, optimizer, scheduler, position, cfg.keep_last)
-    if hasattr(optimizer, "close"):
-        optimizer.close()
     return last_eval

@@ -6,9 +6,12 @@ as bitsandbytes' 8-bit optimizers do. Each step dequantizes a parameter's moment
 in float32 and quantizes them again, so state costs ~1 byte per moment instead of 4.
 Parameters smaller than `min_8bit_size` keep float32 moments (the saving is nil there).
 
-`paged=` a folder puts every state tensor in a file-backed shared memory map there: the OS can
-write those pages out and drop them under memory pressure instead of failing, and brings them
-back when the step touches them. The arithmetic is the same as in memory, so paged and
+`paged=` a folder pages the state out of fast memory. On the CPU every state tensor lives in a
+file-backed shared memory map there: the OS can write those pages out and drop them under
+memory pressure instead of failing, and brings them back when the step touches them. For a
+parameter on a GPU the state lives in pinned host memory and each step streams one
+parameter's state to the GPU, updates it there and copies it back, so GPU memory holds the
+state of one parameter at a time. The arithmetic is the same as in memory, so paged and
 in-memory runs give identical results. The files are removed by `close()`.
 """
 
@@ -37,9 +40,13 @@ class _Pager:
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
 
-    def zeros(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def zeros(self, numel: int, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+        """A zeroed state tensor for a parameter on `device` (default the CPU)."""
+        device = torch.device("cpu") if device is None else device
         if self.folder is None:
-            return torch.zeros(numel, dtype=dtype)
+            return torch.zeros(numel, dtype=dtype, device=device)
+        if device.type == "cuda":
+            return torch.zeros(numel, dtype=dtype, pin_memory=True)
         self.count += 1
         path = self.folder / f"state-{self.count}.bin"
         t = torch.from_file(str(path), shared=True, size=max(numel, 1), dtype=dtype)[:numel]
@@ -72,11 +79,11 @@ class AdamW(torch.optim.Optimizer):
         if self._quantized(p):
             blocks = -(-n // BLOCK)
             for name in ("exp_avg", "exp_avg_sq"):
-                state[f"{name}_codes"] = self.pager.zeros(n, torch.uint8)
-                state[f"{name}_absmax"] = self.pager.zeros(blocks, torch.float32)
+                state[f"{name}_codes"] = self.pager.zeros(n, torch.uint8, p.device)
+                state[f"{name}_absmax"] = self.pager.zeros(blocks, torch.float32, p.device)
         else:
-            state["exp_avg"] = self.pager.zeros(n, torch.float32)
-            state["exp_avg_sq"] = self.pager.zeros(n, torch.float32)
+            state["exp_avg"] = self.pager.zeros(n, torch.float32, p.device)
+            state["exp_avg_sq"] = self.pager.zeros(n, torch.float32, p.device)
         return state
 
     def _moments(self, state: dict, quantized: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +114,10 @@ class AdamW(torch.optim.Optimizer):
                 if not state:
                     state.update(self._init_state(p))
                 quantized = "exp_avg_codes" in state
-                m, v = self._moments(state, quantized)
+                # Paged state of a GPU parameter lives in pinned host memory: work on a device copy.
+                work = {k: t.to(p.device, non_blocking=True) if k != "step" and t.device != p.device else t
+                        for k, t in state.items()}
+                m, v = self._moments(work, quantized)
                 grad = p.grad.reshape(-1).float()
                 state["step"] += 1
                 step = float(state["step"])
@@ -118,7 +128,10 @@ class AdamW(torch.optim.Optimizer):
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.sub_(update.view_as(p).to(p.dtype))
                 if quantized:
-                    self._store(state, m, v)
+                    self._store(work, m, v)
+                for k, t in work.items():
+                    if t is not state[k]:
+                        state[k].copy_(t)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -129,7 +142,7 @@ class AdamW(torch.optim.Optimizer):
         for state in self.state.values():
             for key, value in list(state.items()):
                 if key != "step" and isinstance(value, torch.Tensor):
-                    paged = self.pager.zeros(value.numel(), value.dtype)
+                    paged = self.pager.zeros(value.numel(), value.dtype, value.device)
                     paged.copy_(value.reshape(-1))
                     state[key] = paged
 

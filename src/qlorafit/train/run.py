@@ -16,6 +16,7 @@ from ..errors import QlorafitError
 from ..lora.inject import add_lora
 from ..lora.peft_io import save_adapter
 from ..models.load import load_model
+from ..plan import device_memory, plan, shape_from_config
 from .loop import Run, enable_grad_checkpointing, train
 from .plot import plot_losses
 
@@ -43,6 +44,34 @@ def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+def use_grad_checkpointing(config: RunConfig, model) -> bool:
+    """The config's choice; for `auto`, on only if the planner says the run would not fit without it."""
+    choice = config.train.grad_checkpointing
+    if choice != "auto":
+        return bool(choice)
+    kind = next(model.parameters()).device.type
+    kind = "cuda" if kind == "cuda" else "cpu"
+    available = device_memory(kind) + (_rss_bytes() if kind == "cpu" else 0)
+    result = plan(shape_from_config(model.config), method="lora" if config.quant.type == "none" else "qlora",
+                  batch=config.train.batch_size, seq=config.data.max_length, rank=config.lora.r,
+                  optimizer=config.train.optimizer, grad_checkpointing=False, device=kind, available=available,
+                  dropout=config.lora.dropout, double_quant=config.quant.double_quant, blocksize=config.quant.blocksize)
+    logger.info("grad_checkpointing auto: %.2f GiB planned without it, %.2f GiB available: %s", result.total / 2**30,
+                available / 2**30, "off" if result.fits else "on")
+    return not result.fits
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def run_training(config: RunConfig, resume: bool = False, overwrite: bool = False,
                  on_log: Callable[[dict], None] | None = None) -> dict:
     """Load, adapt, train and save as the config says; returns paths and the final eval metrics."""
@@ -56,7 +85,7 @@ def run_training(config: RunConfig, resume: bool = False, overwrite: bool = Fals
         raise QlorafitError(f"{config.model}: has no tokenizer files, which training needs")
     lc = config.lora
     add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets, rslora=lc.rslora)
-    if config.train.grad_checkpointing:
+    if use_grad_checkpointing(config, model):
         enable_grad_checkpointing(model)
     d = config.data
     train_data = load_dataset(d.train, tokenizer, d.format, d.max_length, d.train_on)
