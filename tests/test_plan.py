@@ -35,7 +35,8 @@ def test_components_move_the_way_the_settings_say(tiny_model_dir):
     shape = shape_from_config(AutoConfig.from_pretrained(tiny_model_dir("llama")))
     base = plan(shape, batch=4, seq=256, available=GiB)
     assert plan(shape, batch=8, seq=256).rows["activations"] == 2 * base.rows["activations"]
-    assert plan(shape, batch=4, seq=256, grad_checkpointing=True).rows["activations"] < base.rows["activations"] / 2
+    deep = shape_from_params(1e9)  # 16 layers: checkpointing keeps layer inputs plus one layer
+    assert plan(deep, grad_checkpointing=True).rows["activations"] < plan(deep).rows["activations"] / 4
     eight = plan(shape, optimizer="adamw8bit")
     assert eight.rows["optimizer state"] < base.rows["optimizer state"] / 3
     paged = plan(shape, optimizer="paged_adamw")

@@ -193,7 +193,8 @@ def plan(
     lin, other = shape.linear_params, shape.other_params
     if method == "qlora":
         scale_bytes = (1 / blocksize + 4 / (blocksize * 256)) if double_quant else 4 / blocksize
-        rows["frozen weights"] = int(lin * (0.5 + scale_bytes) + other * cbytes)
+        code_books = 16 * 4 + (256 * 4 + 4 if double_quant else 0)  # per layer: the 4-bit and nested code books
+        rows["frozen weights"] = int(lin * (0.5 + scale_bytes) + len(shape.linear) * code_books + other * cbytes)
     elif method == "lora":
         rows["frozen weights"] = (lin + other) * cbytes
     else:

@@ -71,3 +71,17 @@ def test_dtype_cast_of_module_leaves_codes_and_scales_alone():
     layer.to(torch.float16)
     assert layer.weight.dtype == torch.uint8
     assert torch.equal(layer.dequantize(torch.float32), before)
+
+
+def test_reused_dequantization_buffer_works_in_and_out_of_inference_mode():
+    from torch import nn
+
+    from qlorafit.quant import blockwise
+
+    blockwise._SCRATCH.__dict__.pop("buffers", None)  # the buffer is created below, in inference mode
+    layer = Linear4bit.from_linear(nn.Linear(64, 32))
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        first = layer(x).clone()
+    second = layer(x)  # the buffer made under inference mode must still be writable here
+    assert torch.equal(first, second)

@@ -181,7 +181,8 @@ def _scratch(numel: int, device: torch.device) -> torch.Tensor:
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     buf = buffers.get(device)
     if buf is None or buf.numel() < numel:
-        buf = buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            buf = buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
     return buf
 
 

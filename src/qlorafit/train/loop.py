@@ -26,6 +26,7 @@ from ..data.batches import batch_order, pack_rows, packed_batch, pad_batch
 from ..data.dataset import Dataset
 from ..errors import TrainingError, TrainingInterrupted
 from ..evaluate import eval_loss
+from ..fileio import atomic_write
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .loss import IGNORE, causal_lm_loss
 from .optim import AdamW
@@ -146,13 +147,14 @@ def _resume(run: Run, model, optimizer, scheduler) -> Position:
     folder = latest_checkpoint(run.output_dir / "checkpoints")
     if folder is None:
         logger.warning("%s: no complete checkpoint to resume from; starting at step 0", run.output_dir)
-        return Position()
-    position = load_checkpoint(folder, model, optimizer, scheduler)
+        position = Position()
+    else:
+        position = load_checkpoint(folder, model, optimizer, scheduler)
+        logger.info("resuming from %s (step %d)", folder, position.step)
     metrics = run.output_dir / "metrics.jsonl"
     if metrics.is_file():  # forget what was logged after the checkpoint: those steps run again
         kept = [line for line in metrics.read_text().splitlines() if _logged_step(line) <= position.step]
-        metrics.write_text("".join(line + "\n" for line in kept))
-    logger.info("resuming from %s (step %d)", folder, position.step)
+        atomic_write(metrics, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
     return position
 
 

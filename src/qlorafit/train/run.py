@@ -13,6 +13,7 @@ import torch
 from ..config import RunConfig, save_config
 from ..data.dataset import load_dataset
 from ..errors import QlorafitError
+from ..fileio import atomic_write
 from ..lora.inject import add_lora
 from ..lora.peft_io import save_adapter
 from ..models.load import load_model
@@ -99,5 +100,5 @@ def run_training(config: RunConfig, resume: bool = False, overwrite: bool = Fals
     plot_losses(out / "metrics.jsonl", out / "loss.png")
     summary = {"adapter": str(out / "adapter"), "metrics": str(out / "metrics.jsonl"), "plot": str(out / "loss.png"),
                "train_examples": len(train_data.examples), "truncated": train_data.truncated, **metrics}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     return summary
