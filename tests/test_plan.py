@@ -80,7 +80,7 @@ def test_grad_checkpointing_auto_follows_the_planner(tiny_chat_model_dir, tmp_pa
     model, _ = qlorafit.load_model(tiny_chat_model_dir)
     assert cfg.train.grad_checkpointing == "auto"
     monkeypatch.setattr(run_module, "device_memory", lambda kind: 64 * GiB)
-    monkeypatch.setattr(run_module, "_rss_bytes", lambda: 0)
+    monkeypatch.setattr(run_module, "rss_bytes", lambda: 0)
     assert use_grad_checkpointing(cfg, model) is False
     monkeypatch.setattr(run_module, "device_memory", lambda kind: 1)
     assert use_grad_checkpointing(cfg, model) is True

@@ -47,7 +47,8 @@ class _Progress:
 def _load(args: argparse.Namespace):
     from . import load_adapter, load_model
 
-    model, tokenizer = load_model(args.model, quant=args.quant)
+    model, tokenizer = load_model(args.model, quant=args.quant, allow_pickle=args.allow_pickle,
+                                  trust_remote_code=args.trust_remote_code)
     if args.adapter:
         load_adapter(model, args.adapter)
     if tokenizer is None:
@@ -123,7 +124,8 @@ def _generate(args: argparse.Namespace) -> None:
 def _merge(args: argparse.Namespace) -> None:
     from . import load_adapter, load_model, save_merged
 
-    model, tokenizer = load_model(args.model, quant=args.quant)
+    model, tokenizer = load_model(args.model, quant=args.quant, allow_pickle=args.allow_pickle,
+                                  trust_remote_code=args.trust_remote_code)
     load_adapter(model, args.adapter)
     out = save_merged(model, tokenizer, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"merged model written to {out}")
@@ -172,6 +174,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--adapter", help="adapter folder in PEFT layout (optional)")
     p.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"], help="how to hold the base (default nf4)")
+    _add_trust_args(p)
+
+
+def _add_trust_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pytorch_model*.bin weights (with torch.load weights_only=True); refused otherwise")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped with the model (only for code you have read)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--quant", default="none", choices=["none", "nf4", "fp4"],
                        help="how to hold the base while merging; 'none' keeps full precision (default)")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    _add_trust_args(merge)
     merge.set_defaults(func=_merge)
 
     pl = sub.add_parser("plan", help="predict a run's memory (weights, adapters, optimizer, activations) and whether it fits")

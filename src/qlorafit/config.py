@@ -88,6 +88,8 @@ class TrainConfig(_Section):
 
 class RunConfig(_Section):
     model: str = Field("smollm2-135m-instruct", description="HF folder, .gguf file, bnb-4bit folder or alias")
+    allow_pickle: bool = Field(False, description="read pytorch_model*.bin weights (with torch.load weights_only=True)")
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the model; only for code you have read")
     quant: QuantConfig = Field(default_factory=QuantConfig)
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataConfig

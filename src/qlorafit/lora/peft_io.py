@@ -119,6 +119,21 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
             raise AdapterError(f"{path}: missing key {key!r}")
+    number = (int, float)
+    checks = {
+        "r": isinstance(config["r"], int) and not isinstance(config["r"], bool) and config["r"] > 0,
+        "lora_alpha": isinstance(config["lora_alpha"], number) and not isinstance(config["lora_alpha"], bool),
+        "lora_dropout": config.get("lora_dropout") is None or (
+            isinstance(config["lora_dropout"], number) and 0 <= config["lora_dropout"] < 1),
+        "target_modules": isinstance(config["target_modules"], str) or (
+            isinstance(config["target_modules"], list) and config["target_modules"]
+            and all(isinstance(t, str) for t in config["target_modules"])),
+        "use_rslora": isinstance(config.get("use_rslora", False), bool),
+    }
+    bad = [f"{k}={config.get(k)!r}" for k, ok in checks.items() if not ok]
+    if bad:
+        raise AdapterError(f"{path}: invalid values: {', '.join(bad)} (r: a positive integer, lora_alpha: a number, "
+                           "lora_dropout: in [0, 1), target_modules: a string or a list of strings)")
     return config
 
 

@@ -133,9 +133,13 @@ class ModelSource:
     path: Path
     name: str
     config: object
+    pickled: bool = False  # pytorch_model*.bin weights, read with torch.load(weights_only=True)
+    trust_remote_code: bool = False
 
     def tensor_files(self) -> dict[str, Path]:
-        """For a folder: every tensor key and the safetensors file holding it."""
+        """For a folder: every tensor key and the file holding it."""
+        if self.pickled:
+            return _pickle_files(self.path)
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -163,7 +167,8 @@ class ModelSource:
             if key not in skip:
                 by_file.setdefault(file, []).append(key)
         for file, keys in by_file.items():
-            for key, tensor in stream_safetensors(file, keys):
+            stream = _stream_pickle(file, keys) if self.pickled else stream_safetensors(file, keys)
+            for key, tensor in stream:
                 yield key, tensor, str(file)
 
     def tokenizer(self):
@@ -178,7 +183,7 @@ class ModelSource:
             logger.warning("%s: no tokenizer files; the model is loaded without a tokenizer", self.path)
             return None
         try:
-            tok = AutoTokenizer.from_pretrained(str(self.path))
+            tok = AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=self.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{self.path}: no usable tokenizer files ({exc}); copy the model's tokenizer files in") from exc
         if tok.pad_token is None:
@@ -189,16 +194,54 @@ class ModelSource:
         return {"path": str(self.path), "kind": self.kind, "quant": "bnb-4bit" if self.kind == "bnb4bit" else quant}
 
 
-def _folder_config(folder: Path):
+def _folder_config(folder: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{folder}: no config.json; {_HELP}")
     try:
-        return AutoConfig.from_pretrained(str(folder))
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{config_file}: cannot build a model config from it ({exc})") from exc
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(
+                f"{config_file}: this model needs its own Python code, shipped in {folder}, which runs only with "
+                "trust_remote_code=True (--trust-remote-code, or trust_remote_code: true in the config); "
+                "do that only for code you have read"
+            ) from exc
+        raise ModelLoadError(f"{config_file}: cannot build a model config from it ({' '.join(str(exc).split())})") from exc
+
+
+def _pickle_files(folder: Path) -> dict[str, Path]:
+    index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{index}: not a valid index ({exc}); download it again") from exc
+        return {k: folder / v for k, v in weight_map.items()}
+    single = folder / "pytorch_model.bin"
+    return {k: single for k in _load_pickle(single)}
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, loaded with weights_only=True: tensors and plain containers only, no code."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        raise ModelLoadError(f"{file}: cannot be loaded as plain tensors ({type(exc).__name__}: {exc}); "
+                             "it is corrupt or holds objects other than weights") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{file}: does not hold a state dict of tensors")
+    return state
+
+
+def _stream_pickle(file: Path, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    state = _load_pickle(file)
+    for key in keys:
+        if key not in state:
+            raise ModelLoadError(f"{file}: has no tensor {key!r}; the checkpoint is incomplete")
+        yield key, state.pop(key).clone()  # own memory, not a view that keeps the file's map alive
 
 
 def _is_bnb_4bit(config) -> bool:
@@ -209,8 +252,13 @@ def _is_bnb_4bit(config) -> bool:
     return qc.get("quant_method") == "bitsandbytes" and bool(qc.get("load_in_4bit"))
 
 
-def resolve_model(path: str | os.PathLike) -> ModelSource:
-    """Work out what `path` holds; raises ModelLoadError naming the path when it is unusable."""
+def resolve_model(path: str | os.PathLike, allow_pickle: bool = False, trust_remote_code: bool = False) -> ModelSource:
+    """Work out what `path` holds; raises ModelLoadError naming the path when it is unusable.
+
+    Pickled weights (pytorch_model*.bin) are refused unless `allow_pickle`, and even then are
+    read with `torch.load(weights_only=True)`; a config that needs the model's own Python code
+    is refused unless `trust_remote_code`.
+    """
     text = str(path)
     if text in ALIASES:
         file = alias_path(text)
@@ -227,19 +275,25 @@ def resolve_model(path: str | os.PathLike) -> ModelSource:
 
         return ModelSource("gguf", p, text, gguf_config(p))
     has_weights = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
+    pickled = False
     if not has_weights:
         pickles = sorted(x.name for x in p.glob("*.bin")) + sorted(x.name for x in p.glob("*.pt"))
-        hint = (
-            f" It holds pickled weights ({', '.join(pickles[:3])}), which can run code when loaded; "
-            "convert them to safetensors first."
-            if pickles
-            else ""
-        )
-        raise ModelLoadError(f"{p}: no model.safetensors or model.safetensors.index.json.{hint} {_HELP}")
-    config = _folder_config(p)
+        loadable = (p / "pytorch_model.bin").is_file() or (p / "pytorch_model.bin.index.json").is_file()
+        if allow_pickle and loadable:
+            pickled = True
+        else:
+            hint = (
+                f" It holds pickled weights ({', '.join(pickles[:3])}), which can run code when loaded; convert "
+                "them to safetensors, or pass --allow-pickle (allow_pickle=True) to read them with "
+                "torch.load(weights_only=True)."
+                if pickles
+                else ""
+            )
+            raise ModelLoadError(f"{p}: no model.safetensors or model.safetensors.index.json.{hint} {_HELP}")
+    config = _folder_config(p, trust_remote_code)
     kind = "bnb4bit" if _is_bnb_4bit(config) else "hf"
     if kind == "bnb4bit":
         config.quantization_config = None
         if hasattr(config, "_pre_quantization_dtype"):
             del config._pre_quantization_dtype
-    return ModelSource(kind, p, text, config)
+    return ModelSource(kind, p, text, config, pickled=pickled, trust_remote_code=trust_remote_code)

@@ -8,7 +8,6 @@ are taken as they are: their codes and scales are installed without re-quantizat
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..lora.layer import Conv1D
 from ..quant.blockwise import check_4bit_settings
 from ..quant.linear4bit import Linear4bit
 from ..quant.state import QuantState, is_quant_state_key
+from ..sysmem import release_freed_memory
 from .checkpoint import ModelSource, resolve_model, stream_safetensors
 from .meta import empty_model, meta_parameters, set_tensor
 from .numerics import resolve_compute_dtype, resolve_device
@@ -29,25 +29,8 @@ from .numerics import resolve_compute_dtype, resolve_device
 logger = logging.getLogger(__name__)
 
 
-def _libc_malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
-
-
-_MALLOC_TRIM = _libc_malloc_trim()
 _TRIM_ELEMENTS = 1 << 20
 
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the allocator back to the OS (glibc keeps it otherwise).
-
-    Loading frees a large float temporary after every weight; without this, glibc's heap
-    keeps those pages and peak memory climbs towards twice the model.
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 QUANT_CHOICES = ("nf4", "fp4", "none")
 
@@ -88,14 +71,9 @@ class _Streamer:
                 f"{source}: tensor {key} has shape {tuple(tensor.shape)} but the model built from its config "
                 f"expects {tuple(expected.shape)}; the checkpoint and its config.json do not match"
             )
-        original = tensor
         tensor = tensor.to(self.device)
         if tensor.is_floating_point():
             tensor = tensor.to(self.dtype)
-        if tensor is original and module_name not in self.targets:
-            # A kept tensor must own its memory: a view would pin the file's whole memory map
-            # (every page the loader read) in the process for as long as the model lives.
-            tensor = tensor.clone()
         big = tensor.numel() >= _TRIM_ELEMENTS
         if module_name in self.targets:
             self._put_quantized(module_name, attr, tensor)
@@ -166,11 +144,16 @@ def load_model(
     blocksize: int = 64,
     compute_dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer, with linear layers stored as 4-bit (or not, quant="none").
 
     `path` is a Hugging Face model folder (safetensors, single or sharded), a `.gguf` file, the
-    alias `smollm2-135m-instruct`, or a folder saved with bitsandbytes 4-bit weights.
+    alias `smollm2-135m-instruct`, or a folder saved with bitsandbytes 4-bit weights. Pickled
+    `pytorch_model*.bin` weights are read only with `allow_pickle=True` (and then with
+    `torch.load(weights_only=True)`); model code shipped with a checkpoint runs only with
+    `trust_remote_code=True`.
     """
     if quant not in QUANT_CHOICES:
         raise ModelLoadError(f"unknown quant {quant!r}: use one of {', '.join(QUANT_CHOICES)}")
@@ -178,8 +161,8 @@ def load_model(
         check_4bit_settings(quant, blocksize)
     device = resolve_device(device)
     dtype = resolve_compute_dtype(compute_dtype, device)
-    source = resolve_model(path)
-    model = empty_model(source.config)
+    source = resolve_model(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    model = empty_model(source.config, trust_remote_code=trust_remote_code)
     streamer = _Streamer(model, quant, double_quant, blocksize, dtype, device)
     used: set[str] = set()
     if source.kind == "bnb4bit":

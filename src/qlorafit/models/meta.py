@@ -33,12 +33,12 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def empty_model(config) -> nn.Module:
+def empty_model(config, trust_remote_code: bool = False) -> nn.Module:
     """A causal LM for `config` with parameters on the meta device and real buffers."""
     from transformers import AutoModelForCausalLM
 
     with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return model.eval()
 
 

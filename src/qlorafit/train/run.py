@@ -18,6 +18,7 @@ from ..lora.inject import add_lora
 from ..lora.peft_io import save_adapter
 from ..models.load import load_model
 from ..plan import device_memory, plan, shape_from_config
+from ..sysmem import rss_bytes
 from .loop import Run, enable_grad_checkpointing, train
 from .plot import plot_losses
 
@@ -52,7 +53,7 @@ def use_grad_checkpointing(config: RunConfig, model) -> bool:
         return bool(choice)
     kind = next(model.parameters()).device.type
     kind = "cuda" if kind == "cuda" else "cpu"
-    available = device_memory(kind) + (_rss_bytes() if kind == "cpu" else 0)
+    available = device_memory(kind) + (rss_bytes() if kind == "cpu" else 0)
     result = plan(shape_from_config(model.config), method="lora" if config.quant.type == "none" else "qlora",
                   batch=config.train.batch_size, seq=config.data.max_length, rank=config.lora.r,
                   optimizer=config.train.optimizer, grad_checkpointing=False, device=kind, available=available,
@@ -60,17 +61,6 @@ def use_grad_checkpointing(config: RunConfig, model) -> bool:
     logger.info("grad_checkpointing auto: %.2f GiB planned without it, %.2f GiB available: %s", result.total / 2**30,
                 available / 2**30, "off" if result.fits else "on")
     return not result.fits
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def run_training(config: RunConfig, resume: bool = False, overwrite: bool = False,
@@ -81,7 +71,8 @@ def run_training(config: RunConfig, resume: bool = False, overwrite: bool = Fals
     torch.manual_seed(config.train.seed)
     q = config.quant
     model, tokenizer = load_model(config.model, quant=q.type, double_quant=q.double_quant, blocksize=q.blocksize,
-                                  compute_dtype=q.compute_dtype)
+                                  compute_dtype=q.compute_dtype, allow_pickle=config.allow_pickle,
+                                  trust_remote_code=config.trust_remote_code)
     if tokenizer is None:
         raise QlorafitError(f"{config.model}: has no tokenizer files, which training needs")
     lc = config.lora

@@ -1,0 +1,39 @@
+"""Process memory: handing freed memory back to the OS, and the resident size.
+
+glibc's malloc keeps memory freed by large temporaries inside its heap, where live tensors
+allocated later pin it; `release_freed_memory` returns it to the OS.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the allocator back to the OS (glibc keeps it otherwise)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (0 when unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
