@@ -28,6 +28,8 @@ demo: $(STAMP)
 	$(BIN)/qlorafit demo
 
 bench: $(STAMP)
+	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_plan.py
 	$(BIN)/python bench/bench_dequant.py
 	$(BIN)/python bench/bench_load.py
 

@@ -102,6 +102,7 @@ def test_sigkill_at_many_points_then_resume_gives_the_same_adapter(tiny_chat_mod
     proc = _start(config, resume=True)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
+    print(f"SIGKILLed {len(killed)} times: " + ", ".join(f"{p} x{killed.count(p)}" for p in dict.fromkeys(killed)))
     assert len(killed) >= 6 and "checkpoint write" in killed, killed
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == expected
     assert all(verify(c) is None for c in list_checkpoints(out / "checkpoints"))
