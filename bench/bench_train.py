@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -169,14 +168,11 @@ def gemm_rate(config: dict, tokens: int, reps: int = 20) -> float:
 # --------------------------------------------------------------------------- worker (either venv)
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _rss_mib() -> float:
+def _status_mib(key: str) -> float:
+    """A field of /proc/self/status (VmRSS, VmHWM) in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -188,14 +184,6 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def _hwm_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _build_qlorafit(stack: str, model_dir: str, ckpt: bool):
@@ -254,12 +242,12 @@ def worker(stack: str, ckpt: bool, model_dir: str, batches_file: str, steps: int
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
-    rss_imports = _rss_mib()
+    rss_imports = _status_mib("VmRSS")
     start = time.perf_counter()
     build = _build_qlorafit if stack.startswith("qlorafit") else _build_peft
     model, step = build(stack, model_dir, ckpt)
     load_s = time.perf_counter() - start
-    rss_loaded, peak_load = _rss_mib(), _peak_rss_mib()
+    rss_loaded, peak_load = _status_mib("VmRSS"), _status_mib("VmHWM")
     data = load_file(batches_file)
     n = data["input_ids"].shape[0]
     times, losses = [], []
@@ -273,7 +261,9 @@ def worker(stack: str, ckpt: bool, model_dir: str, batches_file: str, steps: int
         "stack": stack, "ckpt": ckpt, "step_s": times[warmup:], "warmup_s": times[:warmup], "losses": losses,
         "tokens_per_step": int(data["input_ids"][0].numel()), "load_s": load_s,
         "rss_imports_mib": rss_imports, "rss_loaded_mib": rss_loaded, "peak_load_mib": peak_load,
-        "peak_train_mib": _hwm_mib() if hwm_reset else None, "peak_rss_mib": _peak_rss_mib(),
+        "peak_train_mib": _status_mib("VmHWM") if hwm_reset else None,
+        "peak_rss_mib": max(peak_load, _status_mib("VmHWM")),  # VmHWM: this process only (ru_maxrss
+        # would include the parent's peak, which exec carries over)
         "threads": torch.get_num_threads(), "torch": torch.__version__,
     }
 

@@ -18,10 +18,10 @@ caching allocator has its own overhead, which the planner does not model beyond 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from .errors import QlorafitError
+from .sysmem import available_bytes
 
 GiB = 1024**3
 MiB = 1024**2
@@ -261,11 +261,4 @@ def device_memory(kind: str) -> int:
         if not torch.cuda.is_available():
             raise QlorafitError("no CUDA device here; give its size, e.g. --device cuda:24GB")
         return torch.cuda.mem_get_info()[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return available_bytes()

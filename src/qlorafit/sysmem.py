@@ -7,6 +7,7 @@ allocated later pin it; `release_freed_memory` returns it to the OS.
 from __future__ import annotations
 
 import ctypes
+import os
 
 
 def _libc():
@@ -27,13 +28,23 @@ def release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def rss_bytes() -> int:
-    """Resident memory of this process (0 when unknown)."""
+def _proc_field(path: str, key: str) -> int:
+    """A 'Key:  123 kB' line of a /proc file, in bytes (0 when unknown)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (0 when unknown)."""
+    return _proc_field("/proc/self/status", "VmRSS")
+
+
+def available_bytes() -> int:
+    """Memory the OS can give now without swapping (MemAvailable; total RAM when unknown)."""
+    return _proc_field("/proc/meminfo", "MemAvailable") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlorafit.errors import TrainingError
+from qlorafit.errors import QlorafitError, TrainingError
 from qlorafit.train.checkpoint import CheckpointError, list_checkpoints, verify
 from qlorafit.train.run import run_training
 from tests.train.test_run import _config
@@ -207,3 +207,14 @@ def test_checkpoint_manifests_cannot_point_outside_their_folder(tiny_chat_model_
     manifest["files"]["../../config.yaml"] = {"size": 1, "sha256": "0"}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert "outside the checkpoint" in verify(folder)
+
+
+def test_run_files_cannot_be_redirected_outside_output_dir(tiny_chat_model_dir, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").symlink_to(elsewhere)
+    cfg = _config(tiny_chat_model_dir, tmp_path, max_steps=1)
+    with pytest.raises(QlorafitError, match="checkpoints is a symbolic link"):
+        run_training(cfg, resume=True)
+    assert not any(elsewhere.iterdir())

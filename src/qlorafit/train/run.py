@@ -27,7 +27,17 @@ _RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter", "loss.pn
 
 
 def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write over another run unless resuming or told to overwrite it."""
+    """Refuse to write over another run unless resuming or told to overwrite it.
+
+    Everything a run writes stays inside `output_dir`: a run file or folder that is a symbolic
+    link (which would send checkpoints, adapters or deletions elsewhere) is refused.
+    """
+    links = [name for name in _RUN_FILES if (output_dir / name).is_symlink()]
+    if links:
+        raise QlorafitError(
+            f"{output_dir}: {', '.join(links)} is a symbolic link; a run only writes inside its output_dir, "
+            "remove the link or choose another output_dir"
+        )
     if not output_dir.exists() or not any(output_dir.iterdir()) or resume:
         output_dir.mkdir(parents=True, exist_ok=True)
         return
