@@ -177,15 +177,6 @@ def _status_mib(key: str) -> float:
     return 0.0
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _build_qlorafit(stack: str, model_dir: str, ckpt: bool):
     import torch
 
@@ -251,7 +242,9 @@ def worker(stack: str, ckpt: bool, model_dir: str, batches_file: str, steps: int
     data = load_file(batches_file)
     n = data["input_ids"].shape[0]
     times, losses = [], []
-    hwm_reset = _reset_peak()
+    from bench_load import reset_peak_rss  # bench/ is on sys.path when this file runs as a script
+
+    hwm_reset = reset_peak_rss()
     for i in range(warmup + steps):
         batch = {k: v[i % n] for k, v in data.items()}
         t = time.perf_counter()
