@@ -18,7 +18,10 @@ from qlorafit.data.render import tokenize_record, truncate
 from qlorafit.errors import QlorafitError
 from tests.conftest import byte_tokenizer
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Derandomized: the same 150 inputs per test on every run, so a CI result is reproducible; run
+# with `--hypothesis-seed=N` and derandomize off to explore further.
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
 json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-10, 10), st.floats(allow_nan=False), text)
 json_value = st.recursive(json_scalar, lambda c: st.lists(c, max_size=3) | st.dictionaries(text, c, max_size=3),
@@ -118,7 +121,7 @@ arg = st.one_of(st.sampled_from(["train", "eval", "generate", "merge", "plan", "
                                  "--batch", "x", "--method", "full", "--quant", "nf4"]), text)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(argv=st.lists(arg, max_size=6))
 def test_cli_argument_parsing_fails_with_usage_not_a_traceback(argv):
     parser = build_parser()

@@ -47,8 +47,8 @@ class LoraSection(_Section):
 
 
 class DataConfig(_Section):
-    train: str = Field(..., description="training JSONL file (required)")
-    eval: str | None = Field(None, description="held-out JSONL file for eval loss and perplexity")
+    train: str = Field(..., min_length=1, description="training JSONL file (required)")
+    eval: str | None = Field(None, min_length=1, description="held-out JSONL file for eval loss and perplexity")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "completion", "text"] = Field(
         "auto", description="record format; auto detects it from the first record"
     )
@@ -87,14 +87,14 @@ class TrainConfig(_Section):
 
 
 class RunConfig(_Section):
-    model: str = Field("smollm2-135m-instruct", description="HF folder, .gguf file, bnb-4bit folder or alias")
+    model: str = Field("smollm2-135m-instruct", min_length=1, description="HF folder, .gguf file, bnb-4bit folder or alias")
     allow_pickle: bool = Field(False, description="read pytorch_model*.bin weights (with torch.load weights_only=True)")
     trust_remote_code: bool = Field(False, description="run Python code shipped with the model; only for code you have read")
     quant: QuantConfig = Field(default_factory=QuantConfig)
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
-    output_dir: str = Field("runs/example", description="where checkpoints, the adapter and metrics go")
+    output_dir: str = Field("runs/example", min_length=1, description="where checkpoints, the adapter and metrics go")
 
 
 def schema_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> dict[str, Any]:
