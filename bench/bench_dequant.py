@@ -14,7 +14,6 @@ with both libraries (as a user with a bf16 model would) and dequantize to that d
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -25,19 +24,11 @@ from pathlib import Path
 import bitsandbytes
 import bitsandbytes.functional as bnbf
 import torch
+from common import src_digest  # bench/common.py
 
 from qlorafit.quant.blockwise import dequantize_4bit, quantize_4bit
 
 OUT = Path(__file__).resolve().parent / "out"
-
-
-def src_digest() -> str:
-    """sha256 over qlorafit's source files: which state of src/ these numbers were measured on."""
-    root = Path(__file__).resolve().parents[1] / "src"
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def _timed(fn) -> float:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
 import json
 import os
 import resource
@@ -36,19 +35,11 @@ import time
 from pathlib import Path
 
 import psutil
+from common import reset_peak_rss, src_digest  # bench/common.py
 
 OUT = Path(__file__).resolve().parent / "out"
 MiB = 1024 * 1024
 _PROC = psutil.Process()
-
-
-def src_digest() -> str:
-    """sha256 over qlorafit's source files: which state of src/ these numbers were measured on."""
-    root = Path(__file__).resolve().parents[1] / "src"
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 SHAPES = {
@@ -184,16 +175,6 @@ class RssSampler(threading.Thread):
     def update(self, now: dict) -> None:
         for k in self.peak:
             self.peak[k] = max(self.peak[k], now[k])
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) so it measures from now on; False if not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def model_bytes(model) -> dict:

@@ -19,9 +19,9 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT  # bench/common.py
+
 OUT = ROOT / "bench" / "out"
 MiB = 1024 * 1024
 GiB = 1024**3

@@ -28,7 +28,6 @@ checkpointing) divided by this machine's fp32 GEMM rate measured on the model's 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -38,7 +37,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, reset_peak_rss, src_digest  # bench/common.py
+
 OUT = ROOT / "bench" / "out"
 PEER_VENV = ROOT / "bench" / ".venv-peer"
 PEER_PINS = ["torch==2.13.0", "transformers==5.23.0", "peft==0.21.2", "bitsandbytes==0.50.2", "accelerate",
@@ -46,14 +46,6 @@ PEER_PINS = ["torch==2.13.0", "transformers==5.23.0", "peft==0.21.2", "bitsandby
 STACKS = ("qlorafit-qlora", "qlorafit-lora", "peft-qlora", "peft-lora")
 BATCH, SEQ, RANK, ALPHA, DROPOUT, LR = 4, 256, 16, 32.0, 0.05, 2e-4
 MiB = 1024 * 1024
-
-
-def src_digest() -> str:
-    """sha256 over qlorafit's source files: which state of src/ these numbers were measured on."""
-    h = hashlib.sha256()
-    for f in sorted((ROOT / "src").rglob("*.py")):
-        h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- fixtures (our venv)
@@ -242,8 +234,6 @@ def worker(stack: str, ckpt: bool, model_dir: str, batches_file: str, steps: int
     data = load_file(batches_file)
     n = data["input_ids"].shape[0]
     times, losses = [], []
-    from bench_load import reset_peak_rss  # bench/ is on sys.path when this file runs as a script
-
     hwm_reset = reset_peak_rss()
     for i in range(warmup + steps):
         batch = {k: v[i % n] for k, v in data.items()}

@@ -1,0 +1,27 @@
+"""Helpers shared by the benchmark scripts (standard library only: they also run in bench/.venv-peer)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def src_digest() -> str:
+    """sha256 over qlorafit's source files: which state of src/ these numbers were measured on."""
+    root = ROOT / "src"
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so it measures from now on; False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
