@@ -46,26 +46,17 @@ def is_wrappable(module: nn.Module) -> bool:
     return callable(getattr(module, "dequantize", None)) and hasattr(module, "in_features")
 
 
-def _base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The base layer's weight as (out, in) in `dtype`."""
+def _base_weight(base: nn.Module, dtype: torch.dtype, reuse_buffer: bool = False) -> torch.Tensor:
+    """The base layer's weight as (out, in) in `dtype`: a view of a float weight, or dequantized.
+
+    With `reuse_buffer` a 4-bit weight is dequantized into a per-thread buffer that the next
+    such call overwrites: for a weight one matmul consumes and drops.
+    """
     if isinstance(base, Conv1D):
         return base.weight.detach().t().to(dtype)
     if isinstance(base, nn.Linear):
         return base.weight.detach().to(dtype)
-    return base.dequantize(dtype)
-
-
-def _frozen_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The base weight (out, in) for one matmul: a view of a float weight, or a dequantized buffer.
-
-    For 4-bit layers the buffer is reused by the next call on this thread, so the result must
-    be consumed before any other weight is requested.
-    """
-    if isinstance(base, Conv1D):
-        return base.weight.t()
-    if isinstance(base, nn.Linear):
-        return base.weight
-    if hasattr(base, "quant_state"):
+    if reuse_buffer and hasattr(base, "quant_state"):
         return base.dequantize(dtype, reuse_buffer=True)
     return base.dequantize(dtype)
 
@@ -110,7 +101,7 @@ class _LoraMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, layer, mask):
         x2 = x.reshape(-1, x.shape[-1])
-        out = x2 @ _frozen_weight(layer.base_layer, x.dtype).t()
+        out = x2 @ _base_weight(layer.base_layer, x.dtype, reuse_buffer=True).t()
         bias = getattr(layer.base_layer, "bias", None)
         if bias is not None:
             out += bias
@@ -141,7 +132,7 @@ class _LoraMatmul(torch.autograd.Function):
         grad_a = grad_a_act.t() @ _masked(x.reshape(-1, x.shape[-1]), mask)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ _frozen_weight(layer.base_layer, g.dtype)
+            grad_x = g @ _base_weight(layer.base_layer, g.dtype, reuse_buffer=True)
             lora_x = _masked(grad_a_act @ weight_a, mask)
             grad_x += lora_x.to(grad_x.dtype)
             grad_x = grad_x.view(x.shape)
