@@ -137,9 +137,7 @@ class ModelSource:
     trust_remote_code: bool = False
 
     def tensor_files(self) -> dict[str, Path]:
-        """For a folder: every tensor key and the file holding it."""
-        if self.pickled:
-            return _pickle_files(self.path)
+        """For a safetensors folder: every tensor key and the file holding it."""
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -162,13 +160,18 @@ class ModelSource:
             for key, tensor in iter_gguf_tensors(self.path, self.config):
                 yield key, tensor, str(self.path)
             return
+        if self.pickled:
+            for file in _pickle_shards(self.path):
+                for key, tensor in _load_pickle(file).items():
+                    if key not in skip:  # own memory, not a view that keeps the file's map alive
+                        yield key, tensor.clone(), str(file)
+            return
         by_file: dict[Path, list[str]] = {}
         for key, file in self.tensor_files().items():
             if key not in skip:
                 by_file.setdefault(file, []).append(key)
         for file, keys in by_file.items():
-            stream = _stream_pickle(file, keys) if self.pickled else stream_safetensors(file, keys)
-            for key, tensor in stream:
+            for key, tensor in stream_safetensors(file, keys):
                 yield key, tensor, str(file)
 
     def tokenizer(self):
@@ -212,16 +215,19 @@ def _folder_config(folder: Path, trust_remote_code: bool = False):
         raise ModelLoadError(f"{config_file}: cannot build a model config from it ({' '.join(str(exc).split())})") from exc
 
 
-def _pickle_files(folder: Path) -> dict[str, Path]:
+def _pickle_shards(folder: Path) -> list[Path]:
+    """The pytorch_model*.bin files of a folder: the shards its index lists, or the single file."""
     index = folder / "pytorch_model.bin.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ModelLoadError(f"{index}: not a valid index ({exc}); download it again") from exc
-        return {k: folder / v for k, v in weight_map.items()}
-    single = folder / "pytorch_model.bin"
-    return {k: single for k in _load_pickle(single)}
+    if not index.is_file():
+        return [folder / "pytorch_model.bin"]
+    try:
+        shards = sorted({folder / v for v in json.loads(index.read_text())["weight_map"].values()})
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelLoadError(f"{index}: not a valid index ({exc}); download it again") from exc
+    for f in shards:
+        if not f.is_file():
+            raise ModelLoadError(f"{f}: shard listed in {index.name} is missing; download the model again")
+    return shards
 
 
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
@@ -234,14 +240,6 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{file}: does not hold a state dict of tensors")
     return state
-
-
-def _stream_pickle(file: Path, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    state = _load_pickle(file)
-    for key in keys:
-        if key not in state:
-            raise ModelLoadError(f"{file}: has no tensor {key!r}; the checkpoint is incomplete")
-        yield key, state.pop(key).clone()  # own memory, not a view that keeps the file's map alive
 
 
 def _is_bnb_4bit(config) -> bool:
