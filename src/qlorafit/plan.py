@@ -242,14 +242,13 @@ def parse_device(device: str) -> tuple[str, int]:
 
 
 def _parse_size(text: str, device: str) -> int:
-    units = {"TB": 1024**4, "GB": GiB, "MB": MiB, "T": 1024**4, "G": GiB, "M": MiB}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B") + "B"
-    for unit in ("TB", "GB", "MB"):
-        if t.endswith(unit):
-            try:
-                return int(float(t[: -len(unit)]) * units[unit])
-            except ValueError:
-                break
+    units = {"TB": 1024**4, "GB": GiB, "MB": MiB}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B") + "B"  # 24G, 24GB, 24GiB -> 24GB
+    if t[-2:] in units:
+        try:
+            return int(float(t[:-2]) * units[t[-2:]])
+        except ValueError:
+            pass
     raise QlorafitError(f"cannot read the memory size in {device!r}: write it like cuda:24GB or cpu:16GB")
 
 

@@ -61,8 +61,7 @@ def use_grad_checkpointing(config: RunConfig, model) -> bool:
     choice = config.train.grad_checkpointing
     if choice != "auto":
         return bool(choice)
-    kind = next(model.parameters()).device.type
-    kind = "cuda" if kind == "cuda" else "cpu"
+    kind = "cuda" if next(model.parameters()).device.type == "cuda" else "cpu"
     available = device_memory(kind) + (rss_bytes() if kind == "cpu" else 0)
     result = plan(shape_from_config(model.config), method="lora" if config.quant.type == "none" else "qlora",
                   batch=config.train.batch_size, seq=config.data.max_length, rank=config.lora.r,
