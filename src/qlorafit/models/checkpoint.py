@@ -152,12 +152,12 @@ class ModelSource:
         single = self.path / "model.safetensors"
         return {k: single for k in _safetensors_keys(single)}
 
-    def tensors(self, skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor, str]]:
-        """Yield (key, tensor, file) one at a time, leaving out the keys in `skip`."""
+    def tensors(self, model, skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor, str]]:
+        """Yield (key, tensor, file) one at a time for the (empty) `model`, leaving out the keys in `skip`."""
         if self.kind == "gguf":
             from .gguf import iter_gguf_tensors
 
-            for key, tensor in iter_gguf_tensors(self.path, self.config):
+            for key, tensor in iter_gguf_tensors(self.path, model):
                 yield key, tensor, str(self.path)
             return
         if self.pickled:

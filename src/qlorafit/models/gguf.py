@@ -2,114 +2,160 @@
 
 A GGUF file holds everything a model needs: the hyper-parameters and the tokenizer as metadata
 key/values under llama.cpp's names, and the tensors under llama.cpp's names, in llama.cpp's
-layouts, mostly as quantized blocks. This module turns them into what transformers expects:
+layouts, mostly as quantized blocks. transformers knows how to turn each architecture's file into
+its own model (`transformers.integrations.ggml` for the config keys,
+`transformers.modeling_gguf_pytorch_utils` for tensor names and per-architecture layouts: llama's
+Q/K un-permutation, Gemma's norm offset, Bloom's fused QKV, MoE expert stacking), but it reads
+the whole model into memory first. This module uses those tables and processors and adds what
+they lack:
 
-- `gguf_config`: a `LlamaConfig` / `Qwen2Config` built from the metadata, so the model can be
-  created on the meta device without a `config.json`;
-- `iter_gguf_tensors`: the weights, one float32 tensor at a time, under Hugging Face parameter
-  names, dequantized with vectorised torch code (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1;
-  any other type through `gguf.quants.dequantize`), so the caller can quantize each weight as it
-  arrives and the whole float model never exists at once;
-- `gguf_tokenizer`: the tokenizer, built by transformers from the metadata, offline.
+- `gguf_config`: the transformers config, from transformers' fast metadata reader (the
+  vocabulary is counted, not decoded) and its key mapping;
+- `iter_gguf_tensors`: the weights, one float32 tensor at a time under Hugging Face names, each
+  dequantized (`ggml.py`) and passed through transformers' processor for its architecture as it
+  is read, so the caller can quantize it on arrival and the float model never exists at once;
+- `gguf_tokenizer`: the tokenizer transformers builds from the metadata, offline.
 
-The file is memory-mapped by `gguf.GGUFReader`; only the tensor being converted is read.
+The file is memory-mapped; only the tensor being converted is read.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import re
-from collections.abc import Callable, Iterator
+import struct
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import transformers
-from gguf import GGMLQuantizationType, GGUFReader
-from gguf import quants as gguf_quants
-from gguf.constants import GGML_QUANT_SIZES
-from gguf.gguf_reader import ReaderTensor
+from torch import nn
+from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+from transformers.integrations.gguf import reader as hf_gguf_reader
+from transformers.modeling_gguf_pytorch_utils import (
+    TENSOR_PROCESSORS,
+    Gemma2TensorProcessor,
+    TensorProcessor,
+    get_gguf_hf_weights_map,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ..errors import ModelLoadError
+from .ggml import dequantize_gguf_data, type_name, type_sizes
 
 logger = logging.getLogger(__name__)
 
-# GGUF `general.architecture` -> the transformers config class its tensors fit.
-# Mistral files converted by llama.cpp say `llama`: same layers, same names, same Q/K permutation,
-# so they load as a LlamaConfig (GGUF does not record Mistral's sliding window).
-_CONFIG_CLASSES: dict[str, type[transformers.PretrainedConfig]] = {
-    "llama": transformers.LlamaConfig,
-    "qwen2": transformers.Qwen2Config,
+# Gemma (the first one) is missing from transformers' tables: its file has Gemma 2's keys but no
+# sliding window, and the same `w + 1` norms.
+_CONFIG_MAPPING = GGUF_CONFIG_MAPPING | {
+    "gemma": {k: v for k, v in GGUF_CONFIG_MAPPING["gemma2"].items() if k != "attention.sliding_window"}
 }
-SUPPORTED_ARCHITECTURES = tuple(_CONFIG_CLASSES)
-
-# Architectures whose Q and K projections llama.cpp's converter permuted for its rotary layout.
-_PERMUTED_QK_ARCHITECTURES = frozenset({"llama"})
-
-# llama.cpp tensor names -> Hugging Face module names (".weight"/".bias" carried over as is).
-_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_LAYER_TENSORS = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_LAYER_TENSOR_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-_GLOBAL_TENSOR_RE = re.compile(r"(\w+)\.(weight|bias)")
-# Tensors llama.cpp writes that have no Hugging Face parameter.
-_IGNORED_TENSORS = {
-    "rope_freqs.weight": "Llama 3 rope frequency factors, which the config does not carry: the model "
-    "runs with unscaled rope, so its outputs differ somewhat from llama.cpp's",
-}
-
-# Elements dequantized per step: bounds the temporaries to a few times 16 MB on any tensor size.
-_CHUNK_ELEMENTS = 1 << 22
-
-_MISSING = object()
+_PROCESSORS = TENSOR_PROCESSORS | {"gemma": Gemma2TensorProcessor}
+# GGUF architecture -> the name transformers' tables use for it, where they differ
+_TABLE_NAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+# transformers' table name -> model_type, where they differ (GGUF files hold only the text model)
+_MODEL_TYPES = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
+# sections of transformers' mapping that are no architecture, or no causal LM
+_NOT_MODELS = {"general", "tokenizer", "t5", "umt5"}
+SUPPORTED_ARCHITECTURES = tuple(
+    sorted(
+        {v: k for k, v in _TABLE_NAMES.items()}.get(table, table)
+        for table in _CONFIG_MAPPING
+        if table not in _NOT_MODELS and _MODEL_TYPES.get(table, table) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+)
 
 
 # --------------------------------------------------------------------------------------------
 # Opening the file
 
 
-def _corrupt_error(path: str, exc: BaseException) -> ModelLoadError:
+@dataclass(frozen=True)
+class GgufTensor:
+    """Where one tensor lives in the file and how it is stored."""
+
+    name: str
+    shape: tuple[int, ...]  # torch order (outermost first); GGUF lists dims innermost first
+    qtype: int
+    start: int  # byte offset in the file
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class GgufFile:
+    """A parsed GGUF file: metadata (string arrays as their lengths), tensor table, memory map."""
+
+    path: Path
+    metadata: dict[str, Any]
+    tensors: tuple[GgufTensor, ...]
+    blob: np.ndarray
+
+    @property
+    def architecture(self) -> str:
+        return self.metadata["general.architecture"]
+
+    def data(self, tensor: GgufTensor) -> np.ndarray:
+        return self.blob[tensor.start : tensor.start + tensor.nbytes]
+
+
+def _corrupt_error(path: Path | str, exc: BaseException | str) -> ModelLoadError:
+    what = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
     return ModelLoadError(
-        f"{path}: not a readable GGUF file, it is truncated or corrupt ({type(exc).__name__}: {exc}). "
+        f"{path}: not a readable GGUF file, it is truncated or corrupt ({what}). "
         "Re-download it or re-convert it with llama.cpp's convert_hf_to_gguf.py."
     )
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_reader(resolved: str, size: int, mtime_ns: int) -> GGUFReader:
-    # Parsing the metadata of a file with a 50k-token vocabulary takes seconds (one Python call
-    # per string), so the config, the tensors and the tokenizer share one reader per file version.
-    try:
-        reader = GGUFReader(resolved)
-    except Exception as exc:  # GGUFReader fails with ValueError, IndexError, KeyError, ... on bad bytes
-        raise _corrupt_error(resolved, exc) from exc
-    for tensor in reader.tensors:
-        end = tensor.data_offset + tensor.n_bytes
-        if end > size or tensor.data.nbytes != tensor.n_bytes:
-            raise _corrupt_error(
-                resolved, EOFError(f"tensor {tensor.name!r} ends at byte {end}, the file has {size}")
+def _tensor_table(path: Path, blob: np.ndarray, count: int, pos: int, alignment: int) -> tuple[GgufTensor, ...]:
+    entries, pos = hf_gguf_reader._read_tensor_table(blob, count, pos)
+    data_start = (pos + alignment - 1) // alignment * alignment
+    tensors = []
+    for name, shape, qtype, offset in entries:
+        sizes = type_sizes(qtype)
+        if sizes is None:
+            raise ModelLoadError(
+                f"{path}: tensor {name!r} has GGML {type_name(qtype)}, which the installed gguf package does not "
+                "know. Upgrade gguf, or re-convert the model to a common type (Q8_0, Q4_K_M, F16)."
             )
-    if reader.byte_order != "I":
+        numel = int(np.prod(shape, dtype=np.int64))
+        if numel % sizes[0]:
+            raise _corrupt_error(path, f"tensor {name!r} has {numel} values, not whole {type_name(qtype)} blocks")
+        start, nbytes = data_start + offset, numel // sizes[0] * sizes[1]
+        if start + nbytes > blob.size:
+            raise _corrupt_error(path, f"tensor {name!r} ends at byte {start + nbytes}, the file has {blob.size}")
+        tensors.append(GgufTensor(name, tuple(int(n) for n in shape), int(qtype), start, nbytes))
+    return tuple(tensors)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_file(resolved: str, size: int, mtime_ns: int) -> GgufFile:
+    path = Path(resolved)
+    if size < 24:
+        raise _corrupt_error(path, f"{size} bytes is too short for a GGUF header")
+    blob = np.memmap(resolved, mode="r", dtype=np.uint8)
+    if bytes(blob[:4]) == b"GGUF" and struct.unpack_from("<I", blob, 4)[0] > 0xFFFF:
         raise ModelLoadError(
-            f"{resolved}: a big-endian GGUF file, which qlorafit does not read. "
-            "Convert the model again without --bigendian."
+            f"{path}: a big-endian GGUF file, which qlorafit does not read. Convert the model again without --bigendian."
         )
-    return reader
+    try:
+        metadata, count, pos = hf_gguf_reader._read_metadata(blob, resolved)
+        if count > size:
+            raise ValueError(f"{count} tensors cannot fit in {size} bytes")
+        alignment = int(metadata.get("general.alignment", 32))
+        tensors = _tensor_table(path, blob, count, pos, alignment)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # struct.error, ValueError, UnicodeDecodeError, ... on bad bytes
+        raise _corrupt_error(path, exc) from exc
+    return GgufFile(path, metadata, tensors, blob)
 
 
-def _open_reader(path: str | Path) -> tuple[Path, GGUFReader]:
-    """The path and a (shared, memory-mapped) reader of the GGUF file at `path`."""
+def open_gguf(path: str | Path) -> GgufFile:
+    """The parsed GGUF file at `path` (shared between calls while the file is unchanged)."""
     path = Path(path)
     try:
         stat = path.stat()
@@ -119,323 +165,240 @@ def _open_reader(path: str | Path) -> tuple[Path, GGUFReader]:
         raise ModelLoadError(f"{path}: cannot read the GGUF file ({exc}). Check its permissions.") from exc
     if not path.is_file():
         raise ModelLoadError(f"{path}: not a file. Give the path of the .gguf file itself.")
-    resolved = path.resolve()
-    return resolved, _cached_reader(str(resolved), stat.st_size, stat.st_mtime_ns)
-
-
-def _metadata(reader: GGUFReader, path: Path, key: str, default: Any = _MISSING) -> Any:
-    """The value of metadata `key` (str, number, bool or list), or `default` when absent."""
-    field = reader.fields.get(key)
-    if field is None:
-        if default is _MISSING:
-            raise ModelLoadError(
-                f"{path}: the GGUF metadata has no {key!r}. The file is incomplete or was not written "
-                "by llama.cpp's converter; re-convert the model."
-            )
-        return default
-    try:
-        return field.contents()
-    except Exception as exc:
-        raise _corrupt_error(str(path), exc) from exc
+    return _cached_file(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 # --------------------------------------------------------------------------------------------
-# Config
+# Config: transformers' key mapping over the fast metadata
 
 
-def _architecture(reader: GGUFReader, path: Path) -> str:
-    architecture = _metadata(reader, path, "general.architecture")
-    if architecture not in _CONFIG_CLASSES:
+def _architectures(file: GgufFile) -> tuple[str, str]:
+    """(the file's architecture, the name transformers' tables use for it)."""
+    architecture = file.architecture
+    name = file.metadata.get("general.name") or ""
+    updated = _TABLE_NAMES.get(architecture, architecture)
+    if architecture == "llama" and "mistral" in name.lower():
+        updated = "mistral"  # llama.cpp writes Mistral models as llama: same layers and layout
+    model_type = _MODEL_TYPES.get(updated, updated)
+    if updated not in _CONFIG_MAPPING or updated in _NOT_MODELS or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelLoadError(
-            f"{path}: GGUF architecture {architecture!r} is not supported; qlorafit reads GGUF files of "
-            f"architecture {', '.join(SUPPORTED_ARCHITECTURES)}. Load the model from its Hugging Face "
-            "folder instead."
+            f"{file.path}: GGUF architecture {architecture!r} is not one transformers can build a causal LM from; "
+            f"qlorafit reads GGUF files of architecture {', '.join(SUPPORTED_ARCHITECTURES)}. "
+            "Load the model from its Hugging Face folder instead."
         )
-    return architecture
+    return architecture, updated
 
 
-def _single_count(value: Any, key: str, path: Path) -> int:
-    """A head count that may be written per layer: the one value all layers share."""
-    if isinstance(value, list):
-        if len(set(value)) != 1:
-            raise ModelLoadError(
-                f"{path}: {key!r} differs between layers ({value}); qlorafit supports uniform layers only."
-            )
-        value = value[0]
-    return int(value)
+def _scalar(value: Any) -> Any:
+    """A value written per layer (a list) that is the same for every layer, as one value."""
+    return value[0] if isinstance(value, list) and value and len(set(value)) == 1 else value
 
 
-def _vocab_size(reader: GGUFReader, path: Path, architecture: str) -> int:
-    """The embedding's row count: the vocab_size key, else the length of the token list."""
-    vocab_size = _metadata(reader, path, f"{architecture}.vocab_size", None)
-    if vocab_size is None:
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        if tokens is None:
-            raise ModelLoadError(
-                f"{path}: the GGUF metadata has neither {architecture + '.vocab_size'!r} nor a token list. "
-                "Re-convert the model."
-            )
-        vocab_size = len(tokens.data)  # one entry per token: no need to decode the strings
-    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embedding is not None and int(embedding.shape[-1]) != vocab_size:
-        # ne[1] of the embedding is its row count; the weights decide, since they must fit the model
+def _config_dict(file: GgufFile) -> dict[str, Any]:
+    """The config as transformers' GGUF loader builds it (`load_gguf_checkpoint`), from the fast metadata."""
+    architecture, updated = _architectures(file)
+    tensor_names = {t.name for t in file.tensors}
+    config: dict[str, Any] = {}
+    if architecture == "stablelm":
+        config["use_qkv_bias"] = any(n.endswith(("attn_q.bias", "attn_k.bias", "attn_v.bias")) for n in tensor_names)
+        config["use_parallel_residual"] = not any("ffn_norm" in n for n in tensor_names)
+    config["tie_word_embeddings"] = "output.weight" not in tensor_names or architecture in ("falcon", "bloom")
+    for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(updated, {}).items():
+        config.setdefault(key, value)
+    for gguf_key, value in file.metadata.items():
+        prefix, _, rest = gguf_key.replace(architecture, updated, 1).partition(".")
+        target = _CONFIG_MAPPING.get(prefix, {}).get(rest) if prefix in (updated, "general", "tokenizer") else None
+        if target is None or target == -1:
+            continue
+        if prefix == updated and isinstance(value, str):
+            raise _corrupt_error(file.path, f"metadata {gguf_key!r} is the text {value!r} where a number belongs")
+        config[target] = _scalar(value)
+    config["model_type"] = _MODEL_TYPES.get(updated, updated)
+    _architecture_specifics(config)
+    if "vocab_size" not in config and "tokenizer.ggml.tokens" in file.metadata:
+        config["vocab_size"] = file.metadata["tokenizer.ggml.tokens"]  # the reader counts string arrays
+    _reconcile_vocab(file, config)
+    _add_rope_scaling(file, architecture, config)
+    return config
+
+
+def _architecture_specifics(config: dict[str, Any]) -> None:
+    """The per-architecture fixes transformers' `load_gguf_checkpoint` applies after the key mapping."""
+    model_type = config["model_type"]
+    if model_type == "gemma4_text":
+        config["eos_token_id"] = [1, 106, 50]  # all three end-of-generation tokens
+    elif model_type == "minimax_m2" and isinstance(config.get("scoring_func"), int):
+        config["scoring_func"] = {0: "none", 1: "softmax", 2: "sigmoid"}.get(config["scoring_func"], "softmax")
+    elif model_type == "lfm2" and isinstance(config.get("num_key_value_heads"), list):
+        # one count per layer, zero on the convolution layers
+        kv_heads = config["num_key_value_heads"]
+        config["num_key_value_heads"] = max(kv_heads)
+        config["full_attn_idxs"] = [i for i, n in enumerate(kv_heads) if n > 0]
+        config["block_auto_adjust_ff_dim"] = False
+
+
+def _reconcile_vocab(file: GgufFile, config: dict[str, Any]) -> None:
+    """The embedding's row count decides the vocabulary size when the metadata says otherwise."""
+    embedding = next((t for t in file.tensors if t.name == "token_embd.weight"), None)
+    if embedding is not None and config.get("vocab_size") not in (None, embedding.shape[0]):
         logger.warning(
-            "%s: vocab size %d from the metadata differs from the %d embedding rows; using the latter",
-            path, vocab_size, int(embedding.shape[-1]),
-        )
-        vocab_size = int(embedding.shape[-1])
-    return int(vocab_size)
+            "%s: vocab size %s from the metadata differs from the %d embedding rows; using the latter",
+            file.path, config["vocab_size"], embedding.shape[0],
+        )  # fmt: skip
+        config["vocab_size"] = embedding.shape[0]
 
 
-def _rope_parameters(reader: GGUFReader, path: Path, architecture: str) -> dict[str, Any]:
-    """transformers' `rope_parameters` from llama.cpp's rope keys."""
-
-    def key(name: str, default: Any = _MISSING) -> Any:
-        return _metadata(reader, path, f"{architecture}.rope.{name}", default)
-
-    parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": float(key("freq_base", 10000.0))}
-    scaling = key("scaling.type", None)
+def _add_rope_scaling(file: GgufFile, architecture: str, config: dict[str, Any]) -> None:
+    """Linear and YaRN rope scaling, which transformers' GGUF mapping leaves out."""
+    scaling = file.metadata.get(f"{architecture}.rope.scaling.type")
     if scaling in (None, "none"):
-        return parameters
-    if scaling == "linear":
-        return parameters | {"rope_type": "linear", "factor": float(key("scaling.factor"))}
+        return
+    factor = file.metadata.get(f"{architecture}.rope.scaling.factor")
+    parameters = {"rope_type": scaling, "rope_theta": float(config.get("rope_theta", 10000.0)), "factor": factor}
     if scaling == "yarn":
-        return parameters | {
-            "rope_type": "yarn",
-            "factor": float(key("scaling.factor")),
-            "original_max_position_embeddings": int(key("scaling.original_context_length")),
-        }
-    raise ModelLoadError(
-        f"{path}: rope scaling {scaling!r} is not supported (only linear and yarn). "
-        "Load the model from its Hugging Face folder instead."
-    )
-
-
-def _config_from_reader(reader: GGUFReader, path: Path) -> transformers.PretrainedConfig:
-    architecture = _architecture(reader, path)
-    try:
-        return _CONFIG_CLASSES[architecture](**_config_kwargs(reader, path, architecture))
-    except (TypeError, ValueError) as exc:  # a value of the wrong kind under a known key
+        parameters["original_max_position_embeddings"] = file.metadata.get(
+            f"{architecture}.rope.scaling.original_context_length"
+        )
+    if scaling not in ("linear", "yarn") or None in parameters.values():
         raise ModelLoadError(
-            f"{path}: the GGUF metadata does not describe a valid {architecture} model ({exc}). "
-            "The file is corrupt: re-download it or re-convert it."
+            f"{file.path}: rope scaling {scaling!r} with keys {parameters} is not supported (only linear and yarn). "
+            "Load the model from its Hugging Face folder instead."
+        )
+    config.pop("rope_theta", None)
+    config["rope_parameters"] = parameters
+
+
+def _config_from_file(file: GgufFile) -> transformers.PretrainedConfig:
+    config = _config_dict(file)
+    model_type = config["model_type"]
+    try:
+        config_class = transformers.CONFIG_MAPPING[model_type]
+        built = config_class.from_dict(config)
+    except (KeyError, TypeError, ValueError) as exc:  # a value of the wrong kind under a known key
+        raise ModelLoadError(
+            f"{file.path}: the GGUF metadata does not describe a valid {model_type} model "
+            f"({type(exc).__name__}: {exc}). The file is corrupt: re-download it or re-convert it."
         ) from exc
-
-
-def _config_kwargs(reader: GGUFReader, path: Path, architecture: str) -> dict[str, Any]:
-    """The config class's arguments, from llama.cpp's metadata keys."""
-
-    def key(name: str, default: Any = _MISSING) -> Any:
-        return _metadata(reader, path, f"{architecture}.{name}", default)
-
-    tensor_names = {tensor.name for tensor in reader.tensors}
-    heads = int(key("attention.head_count"))
-    kwargs: dict[str, Any] = {
-        "architectures": [_CONFIG_CLASSES[architecture].__name__.replace("Config", "ForCausalLM")],
-        "vocab_size": _vocab_size(reader, path, architecture),
-        "hidden_size": int(key("embedding_length")),
-        "intermediate_size": int(key("feed_forward_length")),
-        "num_hidden_layers": int(key("block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": _single_count(key("attention.head_count_kv", heads), "head_count_kv", path),
-        "max_position_embeddings": int(key("context_length")),
-        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
-        "rope_parameters": _rope_parameters(reader, path, architecture),
-        # llama.cpp writes the output projection only when it is not the embedding matrix
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "bos_token_id": _metadata(reader, path, "tokenizer.ggml.bos_token_id", None),
-        "eos_token_id": _metadata(reader, path, "tokenizer.ggml.eos_token_id", None),
-        "pad_token_id": _metadata(reader, path, "tokenizer.ggml.padding_token_id", None),
-        "dtype": torch.float32,
-    }
-    # the per-head width, where it is not hidden_size / heads (Mistral Nemo, for one)
-    head_dim = key("attention.key_length", None)
-    if architecture == "llama":
-        # llama rotates the whole head, so the rotary width is the head width
-        head_dim = head_dim if head_dim is not None else key("rope.dimension_count", None)
-        kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
-        kwargs["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_names
-    if head_dim is not None:
-        kwargs["head_dim"] = int(head_dim)
-    return kwargs
+    if not built.architectures:
+        built.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
+    built.dtype = torch.float32
+    return built
 
 
 def gguf_config(path: str | Path) -> transformers.PretrainedConfig:
     """The transformers config of the GGUF model at `path`, built from its metadata (float32)."""
-    resolved, reader = _open_reader(path)
-    return _config_from_reader(reader, resolved)
+    return _config_from_file(open_gguf(path))
 
 
 # --------------------------------------------------------------------------------------------
-# Dequantization: uint8 blocks (n_blocks, type_size) -> float32 (n_blocks, block_size)
+# Tensors: names and layouts through transformers' processors, one tensor at a time
 
 
-def _half(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    """The float16 at byte `start` of every block, as a float32 column (n_blocks, 1)."""
-    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
+class _Names:
+    """Just enough of a module for transformers' name mapping: the parameter names and the children.
+
+    transformers walks the real module tree (every submodule's state_dict, which takes seconds on
+    a 30-layer model); the mapping only ever matches names under the top two levels.
+    """
+
+    def __init__(self, config, names: list[str], depth: int = 2):
+        self.config, self._names, self._depth = config, names, depth
+
+    def state_dict(self) -> dict[str, None]:
+        return dict.fromkeys(self._names)
+
+    def named_children(self) -> list[tuple[str, _Names]]:
+        if not self._depth:
+            return []
+        groups: dict[str, list[str]] = {}
+        for name in self._names:
+            head, dot, rest = name.partition(".")
+            if dot:
+                groups.setdefault(head, []).append(rest)
+        return [(head, _Names(self.config, names, self._depth - 1)) for head, names in groups.items()]
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """16 packed bytes -> 32 4-bit codes: element j is byte j's low nibble, element j+16 its high one."""
-    return torch.cat((qs & 0x0F, qs >> 4), dim=1)
-
-
-def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
-    """4 bytes (a little-endian uint32) -> its 32 bits, bit j for element j, shifted to bit 4."""
-    shifts = torch.arange(8, dtype=torch.uint8)
-    return (((qh.unsqueeze(-1) >> shifts) & 1) << 4).reshape(qh.shape[0], 32)
-
-
-def _dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    # 34 bytes: f16 scale d, 32 int8 codes; x = d * q
-    return blocks[:, 2:].contiguous().view(torch.int8).float() * _half(blocks, 0)
-
-
-def _dequantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    # 18 bytes: f16 scale d, 16 bytes of 4-bit codes; x = d * (q - 8)
-    codes = _nibbles(blocks[:, 2:]).to(torch.int8) - 8
-    return _half(blocks, 0) * codes.float()
-
-
-def _dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    # 20 bytes: f16 scale d, f16 minimum m, 16 bytes of 4-bit codes; x = d * q + m
-    # (a multiply then an add, each rounded, as ggml does: no fused multiply-add)
-    codes = _nibbles(blocks[:, 4:]).float()
-    return (_half(blocks, 0) * codes) + _half(blocks, 2)
-
-
-def _dequantize_q5_0(blocks: torch.Tensor) -> torch.Tensor:
-    # 22 bytes: f16 scale d, 32 fifth bits, 16 bytes of low nibbles; x = d * (q - 16)
-    codes = (_nibbles(blocks[:, 6:]) | _fifth_bits(blocks[:, 2:6])).to(torch.int8) - 16
-    return _half(blocks, 0) * codes.float()
-
-
-def _dequantize_q5_1(blocks: torch.Tensor) -> torch.Tensor:
-    # 24 bytes: f16 scale d, f16 minimum m, 32 fifth bits, 16 bytes of low nibbles; x = d * q + m
-    codes = (_nibbles(blocks[:, 8:]) | _fifth_bits(blocks[:, 4:8])).float()
-    return (_half(blocks, 0) * codes) + _half(blocks, 2)
-
-
-_DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
-    GGMLQuantizationType.F32: lambda blocks: blocks.view(torch.float32),
-    GGMLQuantizationType.F16: lambda blocks: blocks.view(torch.float16).float(),
-    GGMLQuantizationType.BF16: lambda blocks: blocks.view(torch.bfloat16).float(),
-    GGMLQuantizationType.Q8_0: _dequantize_q8_0,
-    GGMLQuantizationType.Q4_0: _dequantize_q4_0,
-    GGMLQuantizationType.Q4_1: _dequantize_q4_1,
-    GGMLQuantizationType.Q5_0: _dequantize_q5_0,
-    GGMLQuantizationType.Q5_1: _dequantize_q5_1,
-}
-
-
-def _dequantize_with_gguf(qtype: GGMLQuantizationType) -> Callable[[torch.Tensor], torch.Tensor]:
-    """gguf-py's numpy dequantizer for a type we have no torch code for (K-quants, IQ types)."""
-
-    def dequantize(blocks: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(gguf_quants.dequantize(blocks.numpy(), qtype))
-
-    return dequantize
-
-
-def dequantize_gguf_data(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
-    """The float32 values of GGUF tensor data `data` (its raw bytes, any shape) of type `qtype`, flat."""
-    if qtype not in GGML_QUANT_SIZES:
-        raise ModelLoadError(f"unknown GGML tensor type {qtype!r}")
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    dequantize = _DEQUANTIZERS.get(qtype) or _dequantize_with_gguf(qtype)
-    raw = np.asarray(data).reshape(-1).view(np.uint8)  # a view of the memory map: nothing read yet
-    n_blocks = raw.size // type_size
-    out = torch.empty(n_blocks * block_size, dtype=torch.float32)
-    step = max(1, _CHUNK_ELEMENTS // block_size)
-    for start in range(0, n_blocks, step):
-        stop = min(start + step, n_blocks)
-        # copy this chunk out of the memory map (torch wants writable memory), then decode it
-        blocks = torch.from_numpy(raw[start * type_size : stop * type_size].copy()).view(stop - start, type_size)
-        out[start * block_size : stop * block_size] = dequantize(blocks).reshape(-1)
-    return out
-
-
-def _dequantize_tensor(tensor: ReaderTensor, path: Path) -> torch.Tensor:
-    """A GGUF tensor as float32 in torch order: GGUF lists dims innermost first, torch outermost first."""
-    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+def _dequantize(file: GgufFile, tensor: GgufTensor) -> np.ndarray:
     try:
-        values = dequantize_gguf_data(tensor.data, tensor.tensor_type)
+        values = dequantize_gguf_data(file.data(tensor), tensor.qtype)
     except NotImplementedError as exc:
         raise ModelLoadError(
-            f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which cannot be dequantized "
-            "here. Re-convert the model to a common type (Q8_0, Q4_K_M, F16)."
+            f"{file.path}: tensor {tensor.name!r} has type {type_name(tensor.qtype)}, which cannot be dequantized "
+            f"here ({exc}). Re-convert the model to a common type (Q8_0, Q4_K_M, F16)."
         ) from exc
-    return values.reshape(shape)
+    return values.reshape(tensor.shape).numpy()
 
 
-# --------------------------------------------------------------------------------------------
-# Names and layouts
-
-
-def _hf_name(gguf_name: str, path: Path) -> str | None:
-    """The Hugging Face parameter name of a llama.cpp tensor name; None for tensors HF has no use for."""
-    if gguf_name in _IGNORED_TENSORS:
-        logger.warning("%s: ignoring tensor %s (%s)", path, gguf_name, _IGNORED_TENSORS[gguf_name])
-        return None
-    if (match := _LAYER_TENSOR_RE.fullmatch(gguf_name)) and match[2] in _LAYER_TENSORS:
-        return f"model.layers.{match[1]}.{_LAYER_TENSORS[match[2]]}.{match[3]}"
-    if (match := _GLOBAL_TENSOR_RE.fullmatch(gguf_name)) and match[1] in _GLOBAL_TENSORS:
-        return f"{_GLOBAL_TENSORS[match[1]]}.{match[2]}"
-    raise ModelLoadError(
-        f"{path}: tensor {gguf_name!r} has no Hugging Face counterpart that qlorafit knows; the file is "
-        "a variant of its architecture that qlorafit does not support. Load the model from its "
-        "Hugging Face folder instead."
+def _contradiction(file: GgufFile, gguf_name: str, got: tuple, want: tuple) -> ModelLoadError:
+    return ModelLoadError(
+        f"{file.path}: tensor {gguf_name!r} has shape {got}, but the model its metadata describes "
+        f"({file.architecture}: sizes, head counts, vocabulary) needs {want}. The metadata contradicts the "
+        "tensors: the file is corrupt or was written by a converter qlorafit does not know; re-convert it."
     )
 
 
-def unpermute_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's Q/K row permutation (interleaved rotary pairs) back to Hugging Face's half-split."""
-    # Per head of width d, HF keeps the rotary pairs as (j, j + d/2); llama.cpp's converter
-    # reorders rows so they sit next to each other: GGUF row 2j + t is HF row t * d/2 + j.
-    # Seen as (heads, d/2, 2), swapping the last two axes gives back (heads, 2, d/2), HF's order.
-    rows = weight.shape[0]
-    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+def _convert(file: GgufFile, model: nn.Module, architecture: str) -> Iterator[tuple[str, torch.Tensor]]:
+    processor = _PROCESSORS.get(architecture, TensorProcessor)(config=_config_dict(file))
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    names = _Names(model.config, list(expected))
+    mapping = get_gguf_hf_weights_map(names, processor, model_type=architecture, num_layers=model.config.num_hidden_layers)
+
+    def target(gguf_name: str) -> str | None:
+        return mapping.get(gguf_name) or mapping.get(gguf_name.rpartition(".")[0])
+
+    # a target built from several tensors (stacked MoE gate and up) is complete once all have been read
+    parts = Counter(t for tensor in file.tensors if (t := target(tensor.name)) is not None)
+    built: dict[str, dict[str, torch.Tensor]] = {"tensors": {}}
+    ignored = []
+    for tensor in file.tensors:
+        weights = _dequantize(file, tensor)
+        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=mapping, parsed_parameters=built)
+        if result.name is not None:
+            name = mapping.get(result.name)
+            if name is None:
+                ignored.append(tensor.name)
+                continue
+            yield name, _checked(file, tensor.name, torch.from_numpy(np.ascontiguousarray(result.weights)), expected.get(name))
+        elif (t := target(tensor.name)) is not None:
+            parts[t] -= 1
+        for name in [n for n in built["tensors"] if parts.get(n, 0) <= 0]:
+            yield name, _checked(file, tensor.name, built["tensors"].pop(name), expected.get(name))
+    if built["tensors"]:
+        raise _corrupt_error(file.path, f"tensors {sorted(built['tensors'])} are missing some of their parts")
+    if ignored:
+        logger.warning("%s: ignoring tensors the model has no parameter for: %s", file.path, ", ".join(ignored))
 
 
-def _convert_tensors(
-    named: list[tuple[ReaderTensor, str]], path: Path, architecture: str, config: transformers.PretrainedConfig
-) -> Iterator[tuple[str, torch.Tensor]]:
-    permuted_heads = {}
-    if architecture in _PERMUTED_QK_ARCHITECTURES:
-        permuted_heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    for tensor, name in named:
-        weight = _dequantize_tensor(tensor, path)
-        kind = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None
-        if kind in permuted_heads:  # weights and biases alike: llama.cpp permuted both
-            weight = unpermute_rotary(weight, permuted_heads[kind])
-        logger.debug("%s: %s (%s) -> %s %s", path, tensor.name, tensor.tensor_type.name, name, tuple(weight.shape))
-        yield name, weight
+def _checked(file: GgufFile, gguf_name: str, tensor: torch.Tensor, want: tuple | None) -> torch.Tensor:
+    if want is not None and tuple(tensor.shape) != want:
+        raise _contradiction(file, gguf_name, tuple(tensor.shape), want)
+    logger.debug("%s: %s -> %s", file.path, gguf_name, tuple(tensor.shape))
+    return tensor
 
 
-def iter_gguf_tensors(
-    path: str | Path, config: transformers.PretrainedConfig | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF parameter name, float32 tensor in HF shape) for the GGUF model at `path`, one at a time."""
+def iter_gguf_tensors(path: str | Path, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, float32 tensor in HF layout) for the GGUF model at `path`, one at a time.
+
+    `model` is the (empty, meta-device) model built from `gguf_config(path)`: its parameter names
+    and shapes decide the mapping and are checked against every tensor.
+    """
     # Not a generator itself: a missing, corrupt or unsupported file raises here, at the call,
     # before any tensor is read.
-    resolved, reader = _open_reader(path)
-    architecture = _architecture(reader, resolved)
-    if config is None:
-        config = _config_from_reader(reader, resolved)
-    named = [(tensor, name) for tensor in reader.tensors if (name := _hf_name(tensor.name, resolved))]
-    logger.info("%s: reading %d %s tensors", resolved, len(named), architecture)
-    return _convert_tensors(named, resolved, architecture, config)
+    file = open_gguf(path)
+    architecture, _ = _architectures(file)
+    logger.info("%s: reading %d %s tensors", file.path, len(file.tensors), architecture)
+    return _convert(file, model, architecture)
 
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer
 
 
-def _tokenizer_from_metadata(resolved: Path) -> transformers.PreTrainedTokenizerBase:
+def _tokenizer_from_metadata(path: Path) -> transformers.PreTrainedTokenizerBase:
     """Build the tokenizer with transformers' GGUF converter, reading only the tokenizer arrays.
 
     `AutoTokenizer.from_pretrained(gguf_file=...)` parses the whole metadata a second time to
-    build a config first (about 3x slower); its converter is used directly when available.
+    build a config first (several seconds); its converter is used directly when available.
     """
     try:
         from transformers.integrations.gguf.gguf_tokenizer_mapping import (
@@ -443,28 +406,26 @@ def _tokenizer_from_metadata(resolved: Path) -> transformers.PreTrainedTokenizer
             get_gguf_tokenizer,
         )
     except ImportError:  # another transformers layout: the public route (local_files_only: no hub)
-        return transformers.AutoTokenizer.from_pretrained(
-            str(resolved.parent), gguf_file=resolved.name, local_files_only=True
-        )
-    architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(resolved))
+        return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(path))
     backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
     return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
 
 def gguf_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerBase:
     """The tokenizer stored in the GGUF metadata at `path`, with its chat template and a pad token; offline."""
-    # the whole file is checked first (cheap once the config or tensors were read): a truncated
-    # file fails here rather than after a tokenizer was built from its intact metadata
-    resolved, reader = _open_reader(path)
+    # the whole file is checked first: a truncated file fails here rather than after a tokenizer
+    # was built from its intact metadata
+    file = open_gguf(path)
     try:
-        tokenizer = _tokenizer_from_metadata(resolved)
+        tokenizer = _tokenizer_from_metadata(file.path)
     except Exception as exc:
         raise ModelLoadError(
-            f"{resolved}: cannot build a tokenizer from the GGUF metadata ({type(exc).__name__}: {exc}). "
+            f"{file.path}: cannot build a tokenizer from the GGUF metadata ({type(exc).__name__}: {exc}). "
             "Load the tokenizer from the model's Hugging Face folder instead."
         ) from exc
     if tokenizer.chat_template is None:  # transformers reads it too; this covers versions that do not
-        template = _metadata(reader, resolved, "tokenizer.chat_template", None)
+        template = file.metadata.get("tokenizer.chat_template")
         if template is not None:
             tokenizer.chat_template = template
     if tokenizer.pad_token is None:

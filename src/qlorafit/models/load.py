@@ -168,7 +168,7 @@ def load_model(
     if source.kind == "bnb4bit":
         used = _load_prequantized(model, source, dtype, device)
         streamer.targets = set()  # everything else is stored as it is
-    for key, tensor, file in source.tensors(skip=used):
+    for key, tensor, file in source.tensors(model, skip=used):
         streamer.put(key, tensor, file)
     model = _finish(model, str(source.path))
     model.name_or_path = str(source.name)
