@@ -20,9 +20,11 @@ from ..lora.inject import _output_head_names, _set_submodule
 from ..lora.layer import Conv1D
 from ..quant.blockwise import check_4bit_settings
 from ..quant.linear4bit import Linear4bit
+from ..quant.param4bit import quantize_parameter
 from ..quant.state import QuantState, is_quant_state_key
 from ..sysmem import release_freed_memory
 from .checkpoint import ModelSource, resolve_model, stream_safetensors
+from .conversions import CheckpointLayout
 from .meta import empty_model, meta_parameters, set_tensor
 from .numerics import resolve_compute_dtype, resolve_device
 
@@ -77,6 +79,9 @@ class _Streamer:
         big = tensor.numel() >= _TRIM_ELEMENTS
         if module_name in self.targets:
             self._put_quantized(module_name, attr, tensor)
+        elif self.quant != "none" and tensor.dim() == 3 and expected is not None:
+            # fused MoE experts (experts, out, in): 4-bit over the flattened values
+            quantize_parameter(self.model.get_submodule(module_name), attr, tensor, **self.qkw)
         else:
             set_tensor(self.model, name, tensor)
         del tensor
@@ -168,8 +173,11 @@ def load_model(
     if source.kind == "bnb4bit":
         used = _load_prequantized(model, source, dtype, device)
         streamer.targets = set()  # everything else is stored as it is
+    layout = CheckpointLayout(model, str(source.path))
     for key, tensor, file in source.tensors(model, skip=used):
-        streamer.put(key, tensor, file)
+        for name, converted in layout.convert(key, tensor):
+            streamer.put(name, converted, file)
+    layout.finish()
     model = _finish(model, str(source.path))
     model.name_or_path = str(source.name)
     model.qlorafit_source = source.describe(quant)
