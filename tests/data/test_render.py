@@ -6,7 +6,7 @@ import pytest
 
 from qlorafit.data.dataset import load_dataset
 from qlorafit.data.records import Record
-from qlorafit.data.render import IGNORE, tokenize_record, truncate
+from qlorafit.data.render import CHATML_TEMPLATE, IGNORE, tokenize_record, truncate
 from qlorafit.errors import DataError
 from tests.conftest import byte_tokenizer
 
@@ -62,11 +62,12 @@ def test_truncation_keeps_the_start_and_drops_records_with_nothing_left(tokenize
 
 def test_load_dataset_counts_truncation_and_uses_chatml_fallback(tmp_path):
     tok = byte_tokenizer(chat_template=False)
+    size = len(tok)
     lines = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x" * n}]} for n in (3, 400)]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in lines))
     data = load_dataset(path, tok, max_length=64)
-    assert tok.chat_template  # ChatML was installed
+    assert tok.chat_template == CHATML_TEMPLATE and len(tok) == size  # its ChatML tokens were already there
     assert len(data.examples) == 2 and data.truncated == 1 and data.dropped == []
     assert max(data.lengths) == 64
     with pytest.raises(DataError, match="no usable records"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from .records import read_records
-from .render import Example, ensure_chat_template, tokenize_record, truncate
+from .render import Example, tokenize_record, truncate
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ def load_dataset(path: str | Path, tokenizer, fmt: str = "auto", max_length: int
     """
     if max_length < 2:
         raise DataError(f"data.max_length must be at least 2, got {max_length}")
-    ensure_chat_template(tokenizer)
     data = Dataset(Path(path), [])
     for record in read_records(path, fmt):
         example, was_cut = truncate(tokenize_record(record, tokenizer, train_on), max_length)

@@ -1,10 +1,13 @@
 """Records -> token ids and labels, with the loss on what the model should learn to write.
 
-Chat records are rendered with the tokenizer's chat template (ChatML when it has none). The
-characters of each assistant turn, from the end of the generation prompt to its end-of-turn
-token, are found by rendering the conversation up to that turn, and every token that starts
-inside one of those spans gets a label; every other token gets -100 (no loss). Whitespace the
-template writes after the end-of-turn token is not trained on.
+Chat records are rendered with the tokenizer's chat template. A tokenizer without one gets ChatML
+when `<|im_start|>` and `<|im_end|>` are already in its vocabulary, and otherwise DEFAULT_TEMPLATE,
+plain-text role headers with each assistant turn ended by the eos token. Tokens are never added:
+a new token would index past the model's embedding matrix and the saved tokenizer would no longer
+match the model. The characters of each assistant turn, from the end of the generation prompt to
+its end-of-turn token, are found by rendering the conversation up to that turn, and every token
+that starts inside one of those spans gets a label; every other token gets -100 (no loss).
+Whitespace the template writes after the end-of-turn token is not trained on.
 """
 
 from __future__ import annotations
@@ -18,6 +21,15 @@ IGNORE = -100
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+# For a model with no template and no ChatML tokens: only tokens it already has. Renders as
+#   "### System:\n{content}\n\n### User:\n{content}\n\n### Assistant:\n{content}{eos}\n\n"
+# and the generation prompt is "### Assistant:\n"; generation stops at the eos token.
+DEFAULT_TEMPLATE = (
+    "{% for message in messages %}{{ '### ' + (message['role'] | capitalize) + ':\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
 )
 TRAIN_ON = ("completion", "all")
 
@@ -34,14 +46,33 @@ class Example:
         return len(self.input_ids)
 
 
-def ensure_chat_template(tokenizer) -> None:
-    """Give a tokenizer without a chat template the ChatML one (adding its tokens if missing)."""
+def _single_token(tokenizer, token: str) -> bool:
+    """Whether `token` is in the vocabulary and the tokenizer encodes its text as that one id."""
+    vocab = tokenizer.get_vocab()
+    return token in vocab and tokenizer(token, add_special_tokens=False)["input_ids"] == [vocab[token]]
+
+
+def ensure_chat_template(tokenizer, source: str | None = None) -> None:
+    """Give a tokenizer without a chat template ChatML or DEFAULT_TEMPLATE; never adds tokens.
+
+    ChatML when its two tokens are already single tokens of the vocabulary, else DEFAULT_TEMPLATE,
+    which needs an eos token to end assistant turns (DataError without one; `source` names the
+    record in the message).
+    """
     if getattr(tokenizer, "chat_template", None):
         return
-    tokenizer.chat_template = CHATML_TEMPLATE
-    missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    if all(_single_token(tokenizer, t) for t in CHATML_TOKENS):
+        tokenizer.chat_template = CHATML_TEMPLATE
+    elif tokenizer.eos_token is not None:
+        tokenizer.chat_template = DEFAULT_TEMPLATE
+    else:
+        where = f"{source}: " if source else ""
+        name = getattr(tokenizer, "name_or_path", "")
+        raise DataError(
+            f"{where}the tokenizer{f' of {name}' if name else ''} has no chat template and no eos token to end assistant turns with, "
+            "so conversations cannot be rendered; set a chat template (chat_template in tokenizer_config.json) "
+            "or use prompt/completion records"
+        )
 
 
 def _render(tokenizer, messages, generation_prompt: bool) -> str:
@@ -67,6 +98,7 @@ def assistant_spans(tokenizer, messages: list[dict], source: str) -> tuple[str, 
 
 
 def _tokenize_chat(record: Record, tokenizer, train_on: str) -> tuple[list[int], list[int]]:
+    ensure_chat_template(tokenizer, record.source)
     text, spans = assistant_spans(tokenizer, record.messages, record.source)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
