@@ -101,7 +101,11 @@ class _LoraMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, layer, mask):
         x2 = x.reshape(-1, x.shape[-1])
-        out = x2 @ _base_weight(layer.base_layer, x.dtype, reuse_buffer=True).t()
+        weight = _base_weight(layer.base_layer, x.dtype, reuse_buffer=True)
+        # the result is allocated in its final shape and filled through a 2-D view: a custom
+        # Function must not return a view, or a caller's in-place op on it would be refused
+        result = x2.new_empty(*x.shape[:-1], weight.shape[0])
+        out = torch.mm(x2, weight.t(), out=result.view(-1, weight.shape[0]))
         bias = getattr(layer.base_layer, "bias", None)
         if bias is not None:
             out += bias
@@ -115,7 +119,7 @@ class _LoraMatmul(torch.autograd.Function):
             out += (a @ weight_b.t() * layer.scaling).to(out.dtype)
         ctx.layer = layer
         ctx.save_for_backward(x, weight_a, weight_b, a, mask)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return result
 
     @staticmethod
     def backward(ctx, grad_out):

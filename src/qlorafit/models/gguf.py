@@ -55,6 +55,16 @@ _CONFIG_MAPPING = GGUF_CONFIG_MAPPING | {
     "gemma": {k: v for k, v in GGUF_CONFIG_MAPPING["gemma2"].items() if k != "attention.sliding_window"}
 }
 _PROCESSORS = TENSOR_PROCESSORS | {"gemma": Gemma2TensorProcessor}
+# llama.cpp keys that transformers' table leaves out for some architectures, and the config field
+# each sets; used only where the table does not map the key and the config class has the field
+_EXTRA_KEYS = {
+    "attention.key_length": "head_dim",
+    "expert_feed_forward_length": "moe_intermediate_size",
+    "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+    "final_logit_softcapping": "final_logit_softcapping",
+}
+_EXTRA_KEYS_BY_ARCHITECTURE = {"gpt2": {"context_length": "n_positions"}}
 # GGUF architecture -> the name transformers' tables use for it, where they differ
 _TABLE_NAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
 # transformers' table name -> model_type, where they differ (GGUF files hold only the text model)
@@ -214,12 +224,23 @@ def _config_dict(file: GgufFile) -> dict[str, Any]:
             raise _corrupt_error(file.path, f"metadata {gguf_key!r} is the text {value!r} where a number belongs")
         config[target] = _scalar(value)
     config["model_type"] = _MODEL_TYPES.get(updated, updated)
+    _add_extra_keys(file, architecture, updated, config)
     _architecture_specifics(config)
     if "vocab_size" not in config and "tokenizer.ggml.tokens" in file.metadata:
         config["vocab_size"] = file.metadata["tokenizer.ggml.tokens"]  # the reader counts string arrays
     _reconcile_vocab(file, config)
     _add_rope_scaling(file, architecture, config)
     return config
+
+
+def _add_extra_keys(file: GgufFile, architecture: str, updated: str, config: dict[str, Any]) -> None:
+    """Sizes llama.cpp writes that transformers' table does not read (a Qwen3 head width, MoE widths, ...)."""
+    table = _CONFIG_MAPPING[updated]
+    defaults = transformers.CONFIG_MAPPING[config["model_type"]]().to_dict()
+    for key, field in (_EXTRA_KEYS | _EXTRA_KEYS_BY_ARCHITECTURE.get(architecture, {})).items():
+        value = file.metadata.get(f"{architecture}.{key}")
+        if value is not None and table.get(key) in (None, "n_ctx") and field in defaults:
+            config[field] = _scalar(value)
 
 
 def _architecture_specifics(config: dict[str, Any]) -> None:
