@@ -31,7 +31,7 @@ SIZES = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hi
 ATTN = dict(num_attention_heads=4, num_key_value_heads=2)
 
 # family -> (config, llama.cpp architecture or None when not checked as GGUF, and whether transformers'
-# GGUF loader builds the same model: it has no Gemma (1) and ignores a Qwen3 head width, so those
+# GGUF loader builds the same model: it has no Gemma (1) and ignores a Qwen3 head width and Gemma 2 soft-capping, so those
 # are checked against the model the file was written from only)
 FAMILIES = {
     "llama": (lambda: transformers.LlamaConfig(**SIZES, **ATTN, tie_word_embeddings=True), "llama"),
@@ -49,9 +49,9 @@ FAMILIES = {
     "gemma2": (
         lambda: transformers.Gemma2Config(**SIZES, **ATTN, head_dim=16, sliding_window=4, final_logit_softcapping=5.0,
                                           attn_logit_softcapping=5.0),
-        None,
+        "gemma2", False,
     ),
-    "gemma3": (lambda: transformers.Gemma3TextConfig(**SIZES, **ATTN, head_dim=16, sliding_window=4), None),
+    "gemma3": (lambda: transformers.Gemma3TextConfig(**SIZES, **ATTN, head_dim=16, sliding_window=4), "gemma3"),
     "starcoder2": (lambda: transformers.Starcoder2Config(**SIZES, **ATTN, tie_word_embeddings=True), "starcoder2"),
     "stablelm": (lambda: transformers.StableLmConfig(**SIZES, **ATTN, tie_word_embeddings=False), "stablelm"),
     "falcon": (
@@ -67,7 +67,7 @@ def _build(family: str) -> nn.Module:
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family][0]()).eval()
     with torch.no_grad():  # non-trivial norms and biases, and weights large enough to matter
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
             else:
