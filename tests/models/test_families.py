@@ -203,3 +203,16 @@ def test_gguf_gives_the_logits_of_its_model_and_of_transformers(family, tmp_path
     for text in ("the cat sat on the mat", "  in <|im_end|> the\nend"):
         assert tokenizer(text)["input_ids"] == their_tokenizer(text)["input_ids"]
     assert tokenizer.chat_template == their_tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+
+
+def test_moe_merged_folder_loads_in_transformers(folders, tmp_path):
+    model, _ = qlorafit.load_model(folders("qwen3_moe"), quant="nf4")
+    qlorafit.add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    qlorafit.save_merged(model, None, tmp_path / "merged")
+    merged = _reference(tmp_path / "merged")
+    with torch.no_grad():
+        assert (model.eval()(_ids()).logits - merged(_ids()).logits).abs().max() < 1e-4

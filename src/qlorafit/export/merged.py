@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..lora.layer import LoraLinear
 from ..lora.merge import float_layer, is_quantized
@@ -32,6 +33,10 @@ def merged_tensors(model: nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, 
             for attr, t in float_layer(module, dtype).named_parameters():
                 yield prefix + attr, t.detach()
             continue
+        if parametrize.is_parametrized(module):  # 4-bit fused experts: written as the float tensors they stand for
+            folded.append(f"{prefix}parametrizations.")
+            for attr in module.parametrizations:
+                yield prefix + attr, getattr(module, attr).detach().to(dtype)
         for attr, p in module.named_parameters(recurse=False):
             if id(p) in seen:
                 continue  # a tied weight (e.g. lm_head = embed_tokens) is stored once
