@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_plan.py
 	$(BIN)/python bench/bench_dequant.py
 	$(BIN)/python bench/bench_load.py
+	$(BIN)/python bench/bench_gguf_load.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
