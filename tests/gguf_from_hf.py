@@ -26,7 +26,8 @@ CHAT_TEMPLATE = (
 def _config_value(config, attr: str):
     if attr == "rope_theta":
         return (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", None))
-    return getattr(config, attr, None)
+    # fields some config classes spell their own way
+    return getattr(config, attr, getattr(config, {"num_key_value_heads": "num_kv_heads", "n_ctx": "n_positions"}.get(attr, attr), None))
 
 
 def _write_metadata(writer: gguf.GGUFWriter, arch: str, config) -> None:
@@ -96,6 +97,8 @@ def _llama_cpp_tensors(model, arch: str) -> list[tuple[str, np.ndarray]]:
         if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = config.num_attention_heads if "attn_q" in gguf_name else config.num_key_value_heads
             array = permute_rotary(array, heads)
+        if arch == "falcon" and gguf_name.endswith("attn_qkv.weight"):
+            array = _falcon_qkv(array, config)
         if arch.startswith("gemma") and gguf_name.endswith("norm.weight"):
             array = array + 1.0
         if arch == "gpt2" and array.ndim == 2 and gguf_name.startswith("blk.") and "norm" not in gguf_name:
@@ -104,6 +107,18 @@ def _llama_cpp_tensors(model, arch: str) -> list[tuple[str, np.ndarray]]:
             array = array.reshape(-1)
         out.append((gguf_name, np.ascontiguousarray(array)))
     return out
+
+
+def _falcon_qkv(array: np.ndarray, config) -> np.ndarray:
+    """llama.cpp's FalconModel.modify_tensors: per-kv-group [q.., k, v] rows -> all q, all k, all v."""
+    heads = config.num_attention_heads
+    kv_heads = config.num_kv_heads if config.new_decoder_architecture else 1
+    head_dim = config.hidden_size // heads
+    qkv = array.reshape(kv_heads, heads // kv_heads + 2, head_dim, array.shape[1])
+    q = qkv[:, :-2].reshape(heads * head_dim, -1)
+    k = qkv[:, [-2]].reshape(kv_heads * head_dim, -1)
+    v = qkv[:, [-1]].reshape(kv_heads * head_dim, -1)
+    return np.concatenate([q, k, v])
 
 
 def write_gguf_from_hf(model, path: Path, arch: str, name: str = "tiny", qtype=gguf.GGMLQuantizationType.F32) -> Path:

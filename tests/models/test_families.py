@@ -31,11 +31,14 @@ SIZES = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hi
 ATTN = dict(num_attention_heads=4, num_key_value_heads=2)
 
 # family -> (config, llama.cpp architecture or None when not checked as GGUF, and whether transformers'
-# GGUF loader builds the same model: it has no Gemma (1) and ignores a Qwen3 head width and Gemma 2 soft-capping, so those
+# GGUF loader builds the same model: it has no Gemma (1) and ignores a Qwen3 head width, Gemma 2 soft-capping and
+# Falcon's new decoder layout, so those
 # are checked against the model the file was written from only)
 FAMILIES = {
     "llama": (lambda: transformers.LlamaConfig(**SIZES, **ATTN, tie_word_embeddings=True), "llama"),
     "mistral": (lambda: transformers.MistralConfig(**SIZES, **ATTN, sliding_window=4, tie_word_embeddings=False), None),
+    # llama.cpp writes Mistral as llama (named "mistral"), without a sliding window
+    "mistral_gguf": (lambda: transformers.MistralConfig(**SIZES, **ATTN, sliding_window=None), "llama"),
     "qwen2": (lambda: transformers.Qwen2Config(**SIZES, **ATTN, tie_word_embeddings=False), "qwen2"),
     "qwen3": (lambda: transformers.Qwen3Config(**SIZES, **ATTN, tie_word_embeddings=True), "qwen3"),
     "qwen3_narrow_heads": (lambda: transformers.Qwen3Config(**SIZES, **ATTN, head_dim=16), "qwen3", False),
@@ -56,8 +59,13 @@ FAMILIES = {
     "stablelm": (lambda: transformers.StableLmConfig(**SIZES, **ATTN, tie_word_embeddings=False), "stablelm"),
     "falcon": (
         lambda: transformers.FalconConfig(vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          max_position_embeddings=256),
+        "falcon",
+    ),
+    "falcon_new_decoder": (
+        lambda: transformers.FalconConfig(vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                           new_decoder_architecture=True, num_kv_heads=2, max_position_embeddings=256),
-        None,
+        "falcon", False,
     ),
     "gpt2": (lambda: transformers.GPT2Config(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4), "gpt2"),
 }  # fmt: skip
@@ -186,7 +194,7 @@ GGUF_FAMILIES = [f for f, (_, arch, *_) in FAMILIES.items() if arch]
 @pytest.mark.parametrize("family", GGUF_FAMILIES)
 def test_gguf_gives_the_logits_of_its_model_and_of_transformers(family, tmp_path):
     source = _build(family)
-    path = write_gguf_from_hf(source, tmp_path / f"{family}.gguf", FAMILIES[family][1])
+    path = write_gguf_from_hf(source, tmp_path / f"{family}.gguf", FAMILIES[family][1], name=f"tiny-{family}")
     model, tokenizer = qlorafit.load_model(path, quant="none")
     with torch.no_grad():
         ours, original = model(_ids()).logits, source(_ids()).logits

@@ -115,10 +115,30 @@ def _llama_cpp_permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
+SPM_PIECES = ["\u2581", "\u2581t", "he", "\u2581the", "\u2581c", "at", "\u2581cat", "\u2581s", "\u2581m", "on",
+              "a", "c", "e", "h", "m", "n", "o", "s", "t", "<|user|>", "<|end|>"]  # fmt: skip
+
+
+def _write_sentencepiece(writer: gguf.GGUFWriter) -> None:
+    """A llama.cpp SentencePiece ("llama") vocabulary: unk/bos/eos, 256 byte tokens, pieces, two control tokens."""
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *SPM_PIECES]
+    types = [2, 3, 3, *[6] * 256, *[1] * (len(SPM_PIECES) - 2), 3, 3]  # unknown, control, byte, normal
+    scores = [0.0, 0.0, 0.0, *[0.0] * 256, *(-float(i) for i in range(len(SPM_PIECES)))]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores(scores)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(True)
+
+
 def _write_gguf(
-    path: Path, arch: str, metadata: dict, tensors: list[tuple[str, np.ndarray, Q]], heads_as_text: bool = False
+    path: Path, arch: str, metadata: dict, tensors: list[tuple[str, np.ndarray, Q]], heads_as_text: bool = False,
+    sentencepiece: bool = False,
 ) -> Path:
-    """A GGUF file with llama.cpp's standard keys for `arch` plus a byte-level BPE tokenizer."""
+    """A GGUF file with llama.cpp's standard keys for `arch` plus a byte-level BPE (or SentencePiece) tokenizer."""
     writer = gguf.GGUFWriter(str(path), arch)
     if heads_as_text:  # a corrupt value: right key, wrong kind
         writer.add_string(f"{arch}.attention.head_count", "four")
@@ -131,6 +151,9 @@ def _write_gguf(
     writer.add_head_count_kv(metadata["kv_heads"])
     writer.add_rope_freq_base(metadata["rope_theta"])
     writer.add_layer_norm_rms_eps(1e-6)
+    if sentencepiece:
+        _write_sentencepiece(writer)
+        return _finish_gguf(writer, tensors, path)
     tokens = [*bytes_to_unicode().values(), "hi", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
@@ -139,6 +162,10 @@ def _write_gguf(
     writer.add_token_merges(["h i"])
     writer.add_eos_token_id(259)  # no padding id: the tokenizer must fall back to eos
     writer.add_chat_template(CHAT_TEMPLATE)
+    return _finish_gguf(writer, tensors, path)
+
+
+def _finish_gguf(writer: gguf.GGUFWriter, tensors: list[tuple[str, np.ndarray, Q]], path: Path) -> Path:
     for name, array, qtype in tensors:
         if qtype in (Q.F32, Q.F16):
             writer.add_tensor(name, gguf.quants.quantize(array, qtype))
@@ -357,6 +384,22 @@ def test_metadata_contradicting_tensors(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="'token_embd.weight'.*contradicts") as error:
         list(_tensors(path))
     assert "narrow.gguf" in str(error.value)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path: Path, arch: str) -> None:
+    metadata = {"layers": 1, "hidden": 64, "intermediate": 64, "heads": 4, "kv_heads": 4, "rope_theta": 1e4}
+    embedding = ("token_embd.weight", np.zeros((259 + len(SPM_PIECES), 64), np.float32), Q.F32)
+    path = _write_gguf(tmp_path / f"spm-{arch}.gguf", arch, metadata, [embedding], sentencepiece=True)
+    ours = gguf_tokenizer(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in ["the cat", " the  cat sat on mom", "é the\ncat", "<|user|>the cat<|end|>", ""]:
+        assert ours(text)["input_ids"] == theirs(text)["input_ids"], text
+        ids = ours(text, add_special_tokens=False)["input_ids"]
+        assert ours.decode(ids) == theirs.decode(ids)
+    assert ours("the cat")["input_ids"][0] == 1  # add_bos from the file
+    assert (ours.bos_token, ours.eos_token, ours.unk_token) == (theirs.bos_token, theirs.eos_token, theirs.unk_token)
+    assert len(ours) == len(theirs) == 259 + len(SPM_PIECES)
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from transformers.integrations.gguf import reader as hf_gguf_reader
 from transformers.modeling_gguf_pytorch_utils import (
     TENSOR_PROCESSORS,
     Gemma2TensorProcessor,
+    GGUFTensor,
     TensorProcessor,
     get_gguf_hf_weights_map,
 )
@@ -54,7 +55,31 @@ logger = logging.getLogger(__name__)
 _CONFIG_MAPPING = GGUF_CONFIG_MAPPING | {
     "gemma": {k: v for k, v in GGUF_CONFIG_MAPPING["gemma2"].items() if k != "attention.sliding_window"}
 }
-_PROCESSORS = TENSOR_PROCESSORS | {"gemma": Gemma2TensorProcessor}
+
+
+class FalconTensorProcessor(TensorProcessor):
+    """Falcon-40B/180B: llama.cpp stores the fused QKV rows as all queries, all keys, all values;
+    transformers groups them per key/value head (that group's queries, its key, its value)."""
+
+    def process(self, weights, name, **kwargs):
+        if "attn_qkv" in name and self.config.get("new_decoder_architecture"):
+            heads, kv_heads = self.config["num_attention_heads"], self.config["num_kv_heads"]
+            head_dim = weights.shape[0] // (heads + 2 * kv_heads)
+            rest = weights.shape[1:]
+            q, k, v = np.split(weights, [heads * head_dim, (heads + kv_heads) * head_dim])
+            grouped = np.concatenate(
+                [
+                    q.reshape(kv_heads, heads // kv_heads, head_dim, *rest),
+                    k.reshape(kv_heads, 1, head_dim, *rest),
+                    v.reshape(kv_heads, 1, head_dim, *rest),
+                ],
+                axis=1,
+            )
+            weights = grouped.reshape(weights.shape)
+        return GGUFTensor(weights, name, {})
+
+
+_PROCESSORS = TENSOR_PROCESSORS | {"gemma": Gemma2TensorProcessor, "falcon": FalconTensorProcessor}
 # llama.cpp keys that transformers' table leaves out for some architectures, and the config field
 # each sets; used only where the table does not map the key and the config class has the field
 _EXTRA_KEYS = {
@@ -64,7 +89,10 @@ _EXTRA_KEYS = {
     "attn_logit_softcapping": "attn_logit_softcapping",
     "final_logit_softcapping": "final_logit_softcapping",
 }
-_EXTRA_KEYS_BY_ARCHITECTURE = {"gpt2": {"context_length": "n_positions"}}
+_EXTRA_KEYS_BY_ARCHITECTURE = {
+    "gpt2": {"context_length": "n_positions"},
+    "falcon": {"attention.head_count_kv": "num_kv_heads"},
+}
 # GGUF architecture -> the name transformers' tables use for it, where they differ
 _TABLE_NAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
 # transformers' table name -> model_type, where they differ (GGUF files hold only the text model)
@@ -212,6 +240,8 @@ def _config_dict(file: GgufFile) -> dict[str, Any]:
     if architecture == "stablelm":
         config["use_qkv_bias"] = any(n.endswith(("attn_q.bias", "attn_k.bias", "attn_v.bias")) for n in tensor_names)
         config["use_parallel_residual"] = not any("ffn_norm" in n for n in tensor_names)
+    if architecture == "falcon":  # Falcon-40B/180B layout: separate attention and MLP norms (llama.cpp's test)
+        config["new_decoder_architecture"] = "blk.0.attn_norm_2.weight" in tensor_names
     config["tie_word_embeddings"] = "output.weight" not in tensor_names or architecture in ("falcon", "bloom")
     for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(updated, {}).items():
         config.setdefault(key, value)
@@ -239,7 +269,7 @@ def _add_extra_keys(file: GgufFile, architecture: str, updated: str, config: dic
     defaults = transformers.CONFIG_MAPPING[config["model_type"]]().to_dict()
     for key, field in (_EXTRA_KEYS | _EXTRA_KEYS_BY_ARCHITECTURE.get(architecture, {})).items():
         value = file.metadata.get(f"{architecture}.{key}")
-        if value is not None and table.get(key) in (None, "n_ctx") and field in defaults:
+        if value is not None and table.get(key) not in defaults and field in defaults:
             config[field] = _scalar(value)
 
 

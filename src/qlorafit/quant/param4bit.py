@@ -54,7 +54,9 @@ def quantize_parameter(
 ) -> None:
     """Store `value` as module.`name` (frozen) in 4 bits, read back dequantized in `compute_dtype`."""
     packed, state = quantize_4bit(value, quant_type, blocksize, double_quant)
-    module._parameters[name] = nn.Parameter(packed, requires_grad=False)
+    # the codes are a buffer, as in Linear4bit: never a parameter an optimizer or counter could see
+    module._parameters.pop(name, None)
+    module.register_buffer(name, packed)
     parametrize.register_parametrization(module, name, Dequantize4bit(state, compute_dtype), unsafe=True)
     if not isinstance(module.forward, functools.partial):
         module.forward = functools.partial(_decode_once_per_call, module.forward)
