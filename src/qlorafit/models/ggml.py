@@ -140,13 +140,14 @@ def dequantize_gguf_data(data: np.ndarray, qtype: int) -> torch.Tensor:
         raise ModelLoadError(f"unknown GGML tensor type {type_name(qtype)}")
     block_size, type_size = type_sizes(qtype)
     dequantize = decoder(qtype)
-    raw = np.asarray(data).reshape(-1).view(np.uint8)  # a view of the memory map: nothing read yet
+    raw = np.asarray(data).reshape(-1).view(np.uint8)  # may be a read-only view of a memory map
     n_blocks = raw.size // type_size
     out = torch.empty(n_blocks * block_size, dtype=torch.float32)
     step = max(1, CHUNK_ELEMENTS // block_size)
     for start in range(0, n_blocks, step):
         stop = min(start + step, n_blocks)
-        # copy this chunk out of the memory map (torch wants writable memory), then decode it
-        blocks = torch.from_numpy(raw[start * type_size : stop * type_size].copy()).view(stop - start, type_size)
+        chunk = raw[start * type_size : stop * type_size]
+        # torch wants writable memory: a chunk of a memory map is copied out first
+        blocks = torch.from_numpy(chunk if chunk.flags.writeable else chunk.copy()).view(stop - start, type_size)
         out[start * block_size : stop * block_size] = dequantize(blocks).reshape(-1)
     return out

@@ -16,7 +16,7 @@ they lack:
   is read, so the caller can quantize it on arrival and the float model never exists at once;
 - `gguf_tokenizer`: the tokenizer transformers builds from the metadata, offline.
 
-The file is memory-mapped; only the tensor being converted is read.
+Only the header is memory-mapped; each tensor is read, converted and released in turn.
 """
 
 from __future__ import annotations
@@ -125,19 +125,32 @@ class GgufTensor:
 
 @dataclass(frozen=True)
 class GgufFile:
-    """A parsed GGUF file: metadata (string arrays as their lengths), tensor table, memory map."""
+    """A parsed GGUF file: metadata (string arrays as their lengths) and tensor table."""
 
     path: Path
     metadata: dict[str, Any]
     tensors: tuple[GgufTensor, ...]
-    blob: np.ndarray
 
     @property
     def architecture(self) -> str:
         return self.metadata["general.architecture"]
 
     def data(self, tensor: GgufTensor) -> np.ndarray:
-        return self.blob[tensor.start : tensor.start + tensor.nbytes]
+        """The tensor's raw bytes, read into memory of their own.
+
+        Plain reads, not a memory map: a map would keep every page read so far in the process's
+        resident memory for as long as it stays open (the whole file, after a load).
+        """
+        data = np.empty(tensor.nbytes, dtype=np.uint8)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(tensor.start)
+                complete = f.readinto(memoryview(data)) == tensor.nbytes
+        except OSError as exc:
+            raise ModelLoadError(f"{self.path}: cannot read tensor {tensor.name!r} ({exc})") from exc
+        if not complete:
+            raise _corrupt_error(self.path, f"tensor {tensor.name!r} is cut short")
+        return data
 
 
 def _corrupt_error(path: Path | str, exc: BaseException | str) -> ModelLoadError:
@@ -174,7 +187,7 @@ def _cached_file(resolved: str, size: int, mtime_ns: int) -> GgufFile:
     path = Path(resolved)
     if size < 24:
         raise _corrupt_error(path, f"{size} bytes is too short for a GGUF header")
-    blob = np.memmap(resolved, mode="r", dtype=np.uint8)
+    blob = np.memmap(resolved, mode="r", dtype=np.uint8)  # for the header only: released after parsing
     if bytes(blob[:4]) == b"GGUF" and struct.unpack_from(">I", blob, 4)[0] in (2, 3):
         raise ModelLoadError(
             f"{path}: a big-endian GGUF file, which qlorafit does not read. Convert the model again without --bigendian."
@@ -189,7 +202,7 @@ def _cached_file(resolved: str, size: int, mtime_ns: int) -> GgufFile:
         raise
     except Exception as exc:  # struct.error, ValueError, UnicodeDecodeError, ... on bad bytes
         raise _corrupt_error(path, exc) from exc
-    return GgufFile(path, metadata, tensors, blob)
+    return GgufFile(path, metadata, tensors)
 
 
 def open_gguf(path: str | Path) -> GgufFile:
