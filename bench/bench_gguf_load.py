@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from bench_load import RssSampler, model_bytes  # bench/bench_load.py: same measurements
-from common import ROOT, reset_peak_rss, src_digest  # bench/common.py
+from common import ROOT, reset_peak_rss, run_worker, src_digest  # bench/common.py
 
 OUT = Path(__file__).resolve().parent / "out"
 MiB = 1024 * 1024
@@ -230,12 +230,7 @@ def worker(method: str, path: str) -> dict:
 
 
 def run_one(method: str, path: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--file", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-30:]
-        return {"method": method, "error": "\n".join(tail)}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, method, ["--file", str(path)], tail=30)
 
 
 def summarize(method: str, runs: list[dict]) -> dict:

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import psutil
-from common import reset_peak_rss, src_digest  # bench/common.py
+from common import reset_peak_rss, run_worker, src_digest  # bench/common.py
 
 OUT = Path(__file__).resolve().parent / "out"
 MiB = 1024 * 1024
@@ -279,12 +279,7 @@ def worker(method: str, path: str) -> dict:
 
 
 def run_one(method: str, path: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--dir", str(path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        return {"method": method, "error": "\n".join(tail)}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, method, ["--dir", str(path)], tail=15)
 
 
 def summarize(method: str, runs: list[dict]) -> dict:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,3 +28,15 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def run_worker(script: str, method: str, args: list[str], tail: int = 30) -> dict:
+    """Run `script --worker method *args` in a fresh interpreter; its last stdout line is a JSON result.
+
+    A failed worker gives {"method", "error"} with the last `tail` lines of its output.
+    """
+    proc = subprocess.run([sys.executable, script, "--worker", method, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()[-tail:]
+        return {"method": method, "error": "\n".join(lines)}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
