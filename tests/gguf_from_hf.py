@@ -50,9 +50,11 @@ def _write_metadata(writer: gguf.GGUFWriter, arch: str, config) -> None:
     if head_dim is not None and f"{arch}.attention.key_length" not in writer.kv_data[0]:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    for key in ("moe_intermediate_size", "attn_logit_softcapping", "final_logit_softcapping"):
+    renamed = {"moe_intermediate_size": "expert_feed_forward_length",
+               "shared_expert_intermediate_size": "expert_shared_feed_forward_length"}  # fmt: skip
+    for key in (*renamed, "attn_logit_softcapping", "final_logit_softcapping"):
         value = getattr(config, key, None)
-        name = {"moe_intermediate_size": "expert_feed_forward_length"}.get(key, key)
+        name = renamed.get(key, key)
         if value is not None:
             (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(f"{arch}.{name}", value)
     if getattr(config, "pad_token_id", None) is not None:

@@ -47,6 +47,11 @@ FAMILIES = {
                                             num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False),
         "qwen3moe",
     ),
+    "qwen2_moe": (
+        lambda: transformers.Qwen2MoeConfig(**SIZES, **ATTN, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                            num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
+        "qwen2moe", False,
+    ),
     "phi3": (lambda: transformers.Phi3Config(**SIZES, **ATTN, pad_token_id=0, tie_word_embeddings=False), "phi3"),
     "gemma": (lambda: transformers.GemmaConfig(**SIZES, **ATTN, head_dim=16), "gemma", False),
     "gemma2": (
@@ -134,7 +139,7 @@ def test_nf4_stores_bitsandbytes_bytes(family, folders):
             module.weight.copy_(restored.t() if layer.conv1d_layout else restored)
         # fused 3-D experts: 4-bit over the flattened values, where bitsandbytes leaves them in float
         experts = quantized_parameters(model)
-        assert bool(experts) == (family == "qwen3_moe")
+        assert bool(experts) == family.endswith("_moe")
         for name in experts:
             module_name, _, attr = name.rpartition(".")
             exact = getattr(reference.get_submodule(module_name), attr)
@@ -154,7 +159,7 @@ def test_all_linear_is_peft_all_linear(family, folders):
     assert sorted(find_targets(model, "all-linear")) == linear
     # what PEFT adds beyond linear layers is LoRA on fused expert / router parameters, which qlorafit does not do
     others = {type(m).__name__ for n, m in layers.items() if n not in linear}
-    assert others <= {"ParamWrapper"} and bool(others) == (family == "qwen3_moe")
+    assert others <= ({"ParamWrapper"} if family.endswith("_moe") else set())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
