@@ -126,3 +126,15 @@ def test_generation_with_the_default_template_prompts_the_assistant_and_stops_at
     assert stop_token_ids(tok) == [tok.eos_token_id]
     script = tok("Hello", add_special_tokens=False)["input_ids"] + [tok.eos_token_id] + tok("###")["input_ids"]
     assert generate_text(Scripted(script, len(tok)), tok, prompt, max_new_tokens=20) == "Hello"
+
+
+def test_default_template_starts_with_bos_where_the_model_expects_one():
+    from transformers import PreTrainedTokenizerFast
+
+    tok = base_tokenizer(extra=("<s>",))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="</s>", bos_token="<s>", add_bos_token=True)
+    assert tok.add_bos_token and tok("hi")["input_ids"][0] == tok.bos_token_id
+    example = tokenize_record(Record("x:1", messages=CONVERSATION), tok)
+    assert tok.chat_template == "{{ bos_token }}" + DEFAULT_TEMPLATE
+    assert example.input_ids[0] == tok.bos_token_id and example.input_ids.count(tok.bos_token_id) == 1
+    assert example.labels[0] == IGNORE

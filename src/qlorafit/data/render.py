@@ -2,7 +2,8 @@
 
 Chat records are rendered with the tokenizer's chat template. A tokenizer without one gets ChatML
 when `<|im_start|>` and `<|im_end|>` are already in its vocabulary, and otherwise DEFAULT_TEMPLATE,
-plain-text role headers with each assistant turn ended by the eos token. Tokens are never added:
+plain-text role headers with each assistant turn ended by the eos token (after the bos token when
+the tokenizer starts every text with one). Tokens are never added:
 a new token would index past the model's embedding matrix and the saved tokenizer would no longer
 match the model. The characters of each assistant turn, from the end of the generation prompt to
 its end-of-turn token, are found by rendering the conversation up to that turn, and every token
@@ -64,7 +65,9 @@ def ensure_chat_template(tokenizer, source: str | None = None) -> None:
     if all(_single_token(tokenizer, t) for t in CHATML_TOKENS):
         tokenizer.chat_template = CHATML_TEMPLATE
     elif tokenizer.eos_token is not None:
-        tokenizer.chat_template = DEFAULT_TEMPLATE
+        # a model that starts every text with BOS (add_bos_token) starts a conversation with it too
+        starts_with_bos = getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token is not None
+        tokenizer.chat_template = ("{{ bos_token }}" if starts_with_bos else "") + DEFAULT_TEMPLATE
     else:
         where = f"{source}: " if source else ""
         name = getattr(tokenizer, "name_or_path", "")
