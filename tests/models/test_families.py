@@ -8,6 +8,7 @@ it loads with the logits of the model it came from and of transformers' own GGUF
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -229,3 +230,27 @@ def test_moe_merged_folder_loads_in_transformers(folders, tmp_path):
     merged = _reference(tmp_path / "merged")
     with torch.no_grad():
         assert (model.eval()(_ids()).logits - merged(_ids()).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2_moe"])
+def test_training_run_on_a_gguf_of_another_family(family, tmp_path):
+    """The path users run: a GGUF file (tokenizer and chat template from it), chat records, run_training."""
+    from qlorafit.config import build_config
+    from qlorafit.train.run import run_training
+    from tests.conftest import write_chat_jsonl
+
+    path = write_gguf_from_hf(_build(family), tmp_path / f"{family}.gguf", FAMILIES[family][1], name=f"tiny-{family}")
+    write_chat_jsonl(tmp_path / "train.jsonl", 16)
+    write_chat_jsonl(tmp_path / "eval.jsonl", 8, seed=1)
+    config = build_config({
+        "model": str(path), "quant": {"type": "nf4"}, "lora": {"r": 4, "alpha": 8},
+        "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "max_length": 64},
+        "train": {"batch_size": 4, "lr": 1e-2, "seed": 0, "epochs": 2, "eval_every": 4},
+        "output_dir": str(tmp_path / "run"),
+    })  # fmt: skip
+    run_training(config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) >= 2 and evals[-1] < evals[0]
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["target_modules"]
