@@ -84,12 +84,6 @@ def find_targets(model: nn.Module, targets: str | Sequence[str] = ALL_LINEAR) ->
     return chosen
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def add_lora(
     model: nn.Module,
     r: int = 16,
@@ -106,7 +100,7 @@ def add_lora(
         p.requires_grad_(False)
     for name in names:
         layer = LoraLinear.from_base(model.get_submodule(name), r, alpha, dropout, rslora)
-        _set_submodule(model, name, layer.train(model.training))
+        model.set_submodule(name, layer.train(model.training))
     targets_saved = targets if isinstance(targets, str) else list(targets)
     model.lora_config = LoraConfig(r, alpha, dropout, targets_saved, rslora, wrapped=names)
     return model

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inject import _set_submodule
 from .layer import Conv1D, LoraLinear
 
 
@@ -52,10 +51,10 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
     """Replace LoRA and 4-bit layers by merged float layers in place; returns the plain model."""
     replace = [name for name, m in model.named_modules() if isinstance(m, LoraLinear)]
     for name in replace:
-        _set_submodule(model, name, float_layer(model.get_submodule(name), dtype))
+        model.set_submodule(name, float_layer(model.get_submodule(name), dtype))
     quantized = [name for name, m in model.named_modules() if is_quantized(m)]
     for name in quantized:
-        _set_submodule(model, name, float_layer(model.get_submodule(name), dtype))
+        model.set_submodule(name, float_layer(model.get_submodule(name), dtype))
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model

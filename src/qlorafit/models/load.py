@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from ..lora.inject import _output_head_names, _set_submodule
+from ..lora.inject import _output_head_names
 from ..lora.layer import Conv1D
 from ..quant.blockwise import check_4bit_settings
 from ..quant.linear4bit import Linear4bit
@@ -103,7 +103,7 @@ class _Streamer:
         if module.bias is not None and bias is None:
             layer.bias = nn.Parameter(torch.empty(layer.out_features, device="meta"), requires_grad=False)
         layer.conv1d_layout = conv
-        _set_submodule(self.model, module_name, layer)
+        self.model.set_submodule(module_name, layer)
 
 
 def _finish(model: nn.Module, source: str) -> nn.Module:
@@ -137,7 +137,7 @@ def _load_bnb_modules(model: nn.Module, keys: dict[str, Path], read, dtype: torc
         if getattr(old, "bias", None) is not None:
             layer.bias = nn.Parameter(read(module_name + ".bias").to(device, dtype), requires_grad=False)
             used.add(module_name + ".bias")
-        _set_submodule(model, module_name, layer)
+        model.set_submodule(module_name, layer)
         used |= {module_name + ".weight", *(prefix + k for k in state_items)}
     return used
 
