@@ -81,9 +81,20 @@ class _MaskCache:
     def mask_for(self, x: torch.Tensor, p: float) -> torch.Tensor:
         key = (x._version, p, tuple(x.shape))
         if self.source is None or self.source() is not x or self.key != key:
-            self.mask = torch.rand(x.shape, device=x.device) >= p  # keep with probability 1 - p
+            self.mask = keep_mask(x.shape, p, x.device)
             self.source, self.key = weakref.ref(x), key
         return self.mask
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """A bool mask, True with probability 1 - p, from 16 random bits per element (p resolved to 2^-16).
+
+    Random int64 words read as four int16 each: a quarter of the generator calls of
+    `torch.rand(shape) >= p`, and no float tensor (2.6x faster on a 1024 x 2048 mask on this CPU).
+    """
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    return (words.view(torch.int16)[:n] >= round(p * 65536) - 32768).view(shape)
 
 
 _MASKS = _MaskCache()
@@ -95,13 +106,27 @@ def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x if mask is None else torch.where(mask.reshape(x.shape), x, 0.0)
 
 
+# Base weights dequantized while activation checkpointing recomputes a layer's forward, kept for
+# that layer's backward, which runs right after: one dequantization for both instead of two.
+# Holds at most the weights of one checkpointed region; each entry leaves at its backward.
+_RECOMPUTED: dict[int, torch.Tensor] = {}
+
+
+def _recomputing() -> bool:
+    """True inside a backward pass: a forward running now is a checkpoint's recomputation."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class _LoraMatmul(torch.autograd.Function):
     """y = x W^T + b + s * (dropout(x) A^T) B^T in one op; saves x, the rank-r activation and the mask."""
 
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, layer, mask):
         x2 = x.reshape(-1, x.shape[-1])
-        weight = _base_weight(layer.base_layer, x.dtype, reuse_buffer=True)
+        if ctx.needs_input_grad[0] and hasattr(layer.base_layer, "quant_state") and _recomputing():
+            weight = _RECOMPUTED[id(layer)] = _base_weight(layer.base_layer, x.dtype)
+        else:
+            weight = _base_weight(layer.base_layer, x.dtype, reuse_buffer=True)
         # the result is allocated in its final shape and filled through a 2-D view: a custom
         # Function must not return a view, or a caller's in-place op on it would be refused
         result = x2.new_empty(*x.shape[:-1], weight.shape[0])
@@ -136,7 +161,11 @@ class _LoraMatmul(torch.autograd.Function):
         grad_a = grad_a_act.t() @ _masked(x.reshape(-1, x.shape[-1]), mask)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ _base_weight(layer.base_layer, g.dtype, reuse_buffer=True)
+            weight = _RECOMPUTED.pop(id(layer), None)
+            if weight is None or weight.dtype != g.dtype:
+                weight = _base_weight(layer.base_layer, g.dtype, reuse_buffer=True)
+            grad_x = g @ weight
+            del weight
             lora_x = _masked(grad_a_act @ weight_a, mask)
             grad_x += lora_x.to(grad_x.dtype)
             grad_x = grad_x.view(x.shape)
