@@ -254,10 +254,12 @@ def worker(stack: str, ckpt: bool, model_dir: str, batches_file: str, steps: int
 # --------------------------------------------------------------------------- driver
 
 
-def run_one(python: Path, stack: str, ckpt: bool, model_dir: Path, batches: Path, steps: int, warmup: int) -> dict:
+def run_one(python: Path, stack: str, ckpt: bool, model_dir: Path, batches: Path, steps: int, warmup: int,
+            extra_env: dict | None = None) -> dict:
     cmd = [str(python), __file__, "--worker", stack, "--ckpt", str(int(ckpt)), "--model-dir", str(model_dir),
            "--batches", str(batches), "--steps", str(steps), "--warmup", str(warmup)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")} if stack.startswith("qlorafit") else dict(os.environ)
+    env.update(extra_env or {})
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{stack} ckpt={ckpt} failed:\n{proc.stderr[-4000:]}")
