@@ -103,6 +103,18 @@ def test_exact_match_accuracy_on_constructed_references():
     assert seen == predictions
 
 
+def test_exact_match_reports_progress_and_keeps_the_records_order():
+    tok, model = byte_tokenizer(), byte_model()
+    data = records() + [Record("d:5", prompt="a much longer prompt than the others, to sort first", completion="?")]
+    alone = [generate_text(model, tok, prompt_messages(r), max_new_tokens=6) for r in data]
+    calls, seen = [], []
+    _, predictions = exact_match(model, tok, data, max_new_tokens=6, batch_size=2, on_prediction=seen.append,
+                                 on_progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 5), (2, 5), (4, 5), (5, 5)]
+    assert [p["source"] for p in predictions] == ["d:1", "d:2", "d:3", "d:4", "d:5"]
+    assert [p["prediction"] for p in predictions] == alone and seen == predictions
+
+
 def test_exact_match_needs_records_with_prompts():
     tok, model = byte_tokenizer(), byte_model()
     with pytest.raises(DataError, match="at least one record"):

@@ -13,8 +13,10 @@ from qlorafit.errors import DataError
 from qlorafit.generate import (
     GenerationError,
     encode_prompt,
+    generate_batch,
     generate_text,
     generate_tokens,
+    greedy_batch,
     prompt_messages,
     reference,
     stop_token_ids,
@@ -235,3 +237,76 @@ def test_stop_token_ids():
     tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
     tok.eos_token = "<|endoftext|>"
     assert stop_token_ids(tok) == sorted(tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+
+
+# --------------------------------------------------------------------------- many prompts at once
+
+
+def forward_inputs(model: nn.Module) -> list[tuple[int, ...]]:
+    """Record the input_ids shape of every forward call of `model`."""
+    shapes: list[tuple[int, ...]] = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    return shapes
+
+
+def varied_prompts() -> list[list[int]]:
+    """Prompts whose lengths are far from sorted, so batching by length reorders them."""
+    lengths = [3, 21, 5, 17, 1, 19, 4]
+    rng = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 128, (n,), generator=rng).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_greedy_batch_equals_one_prompt_at_a_time_in_the_prompts_order(arch):
+    model = lively(build_tiny(arch))
+    prompts = varied_prompts()
+    alone = [list(generate_tokens(model, p, max_new_tokens=9, eos_token_ids=[])) for p in prompts]
+    assert len({tuple(a) for a in alone}) == len(prompts)  # every answer differs, so order shows
+    shapes = forward_inputs(model)
+    assert greedy_batch(model, prompts, max_new_tokens=9, eos_token_ids=[], batch_size=2) == alone
+    # Longest first, two at a time: (21, 19), (17, 5), (4, 3), (1); each batch's prompts once (padded to
+    # the longer one), then one token a step with the cache.
+    assert shapes[::9] == [(2, 21), (2, 17), (2, 4), (1, 1)] and len(shapes) == 4 * 9
+    assert all(s[1] == 1 for i, s in enumerate(shapes) if i % 9)
+
+
+def test_greedy_batch_stops_when_every_row_has_stopped():
+    model = lively(build_tiny("llama"))
+    prompts = varied_prompts()[:3]
+    alone = [list(generate_tokens(model, p, max_new_tokens=12, eos_token_ids=[])) for p in prompts]
+    stop = {alone[0][2], alone[1][4], alone[2][3]}  # each row meets one of these early
+    expected = [next((a[:i] for i, t in enumerate(a) if t in stop), a) for a in alone]
+    assert all(len(e) < 12 for e in expected)
+    shapes = forward_inputs(model)
+    assert greedy_batch(model, prompts, max_new_tokens=12, eos_token_ids=stop, batch_size=3) == expected
+    assert len(shapes) == max(len(e) for e in expected) + 1  # the step that wrote the last stop token, no more
+
+
+def test_greedy_batch_context_limit_settings_and_progress():
+    model = lively(build_tiny("llama"))  # 128 positions
+    calls = []
+    out = greedy_batch(model, [[1] * 126, [2] * 5, [3] * 50], max_new_tokens=10, eos_token_ids=[], batch_size=2,
+                       on_progress=lambda done, total: calls.append((done, total)))
+    assert [len(o) for o in out] == [2, 10, 10]  # a row stops at the end of the context
+    assert calls == [(0, 3), (2, 3), (3, 3)]
+    with pytest.raises(GenerationError, match="prompt 1 has 128 tokens.*context is 128"):
+        greedy_batch(model, [[1], [1] * 128])
+    with pytest.raises(GenerationError, match="prompt 0 has no token"):
+        greedy_batch(model, [[]])
+    with pytest.raises(GenerationError, match="batch_size"):
+        greedy_batch(model, [[1]], batch_size=0)
+    assert greedy_batch(model, [[1, 2]], max_new_tokens=0) == [[]]
+
+
+def test_generate_batch_equals_generate_text_on_a_4bit_model_with_lora(tmp_path):
+    tok = byte_tokenizer()
+    byte_model().save_pretrained(tmp_path / "m")
+    model, _ = qlorafit.load_model(tmp_path / "m", quant="nf4")
+    with_random_lora(model)
+    prompts = [[{"role": "user", "content": "Hello there"}], "The cat", [{"role": "user", "content": "a"}],
+               "1 2 3 4 5 6 7 8 9 10"]
+    alone = [generate_text(model, tok, p, max_new_tokens=10) for p in prompts]
+    assert len(set(alone)) == len(prompts)
+    assert generate_batch(model, tok, prompts, max_new_tokens=10, batch_size=3) == alone
+    assert sum(isinstance(m, qlorafit.Linear4bit) for m in model.modules()) == 14  # the 4-bit layers are back

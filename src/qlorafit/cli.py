@@ -44,6 +44,27 @@ class _Progress:
             self.bar = None
 
 
+class _CountBar:
+    """A tqdm bar on stderr fed by `on_progress(done, total)` calls; closes itself when done reaches total."""
+
+    def __init__(self, desc: str, unit: str = "prompt") -> None:
+        self.desc, self.unit, self.bar = desc, unit, None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _load(args: argparse.Namespace):
     from . import load_adapter, load_model
 
@@ -82,7 +103,12 @@ def _eval(args: argparse.Namespace) -> None:
         result = eval_loss(model, data.examples, pad_id=tokenizer.pad_token_id or 0)
         print(f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} over {result['tokens']} tokens")
         return
-    accuracy, predictions = exact_match(model, tokenizer, read_records(args.data), max_new_tokens=args.max_new_tokens)
+    bar = _CountBar("exact match")
+    try:
+        accuracy, predictions = exact_match(model, tokenizer, read_records(args.data),
+                                            max_new_tokens=args.max_new_tokens, on_progress=bar)
+    finally:
+        bar.close()
     if args.out:
         write_predictions(args.out, predictions)
         print(f"predictions written to {args.out}")
@@ -91,6 +117,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from .generate import encode_prompt, generate_tokens, stop_token_ids, stream_text
+    from .inference import dequantized_for_inference
 
     model, tokenizer = _load(args)
 
@@ -105,20 +132,21 @@ def _generate(args: argparse.Namespace) -> None:
         print()
         return "".join(pieces)
 
-    if not args.chat:
-        answer(args.prompt)
-        return
-    history: list[dict] = []
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
+    with dequantized_for_inference(model):  # once for the whole chat, not once per answer
+        if not args.chat:
+            answer(args.prompt)
             return
-        if line.strip() in ("", "/exit", "/quit"):
-            return
-        history.append({"role": "user", "content": line})
-        print("model> ", end="", flush=True)
-        history.append({"role": "assistant", "content": answer(history)})
+        history: list[dict] = []
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                return
+            if line.strip() in ("", "/exit", "/quit"):
+                return
+            history.append({"role": "user", "content": line})
+            print("model> ", end="", flush=True)
+            history.append({"role": "assistant", "content": answer(history)})
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -135,10 +163,16 @@ def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     start = time.perf_counter()
-    progress = _Progress()
+    progress, eval_bar = _Progress(), _CountBar("evaluating")
+
+    def status(text: str) -> None:  # a new phase: the training bar (if any) is finished
+        progress.close()
+        progress.write(text)
+
     try:
-        result = run_demo(Path(args.out), args.steps, on_status=progress.write, on_log=progress)
+        result = run_demo(Path(args.out), args.steps, on_status=status, on_log=progress, on_progress=eval_bar)
     finally:
+        eval_bar.close()
         progress.close()
     minutes = (time.perf_counter() - start) / 60
     print(f"\nheld-out exact match on {result['examples']} examples: before {result['before']:.0%}, "

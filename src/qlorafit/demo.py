@@ -82,8 +82,13 @@ def demo_config(out: Path, steps: int = 25) -> RunConfig:
 
 
 def run_demo(out: Path, steps: int = 25, on_status: Callable[[str], None] = lambda s: None,
-             on_log: Callable[[dict], None] | None = None) -> dict:
-    """Held-out exact match before and after a short QLoRA run; returns the figures and paths."""
+             on_log: Callable[[dict], None] | None = None,
+             on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Held-out exact match before and after a short QLoRA run; returns the figures and paths.
+
+    `on_status(text)` hears of each phase, `on_log(row)` gets the training log rows and
+    `on_progress(done, total)` counts the held-out examples answered in each evaluation.
+    """
     from .data.records import read_records
     from .evaluate import exact_match, write_predictions
     from .lora.peft_io import load_adapter
@@ -94,7 +99,7 @@ def run_demo(out: Path, steps: int = 25, on_status: Callable[[str], None] = lamb
     held_out = read_records(config.data.eval)
     on_status(f"evaluating the base model on {len(held_out)} held-out examples")
     model, tokenizer = load_model(config.model, quant="nf4")
-    before, predictions = exact_match(model, tokenizer, held_out, max_new_tokens=48)
+    before, predictions = exact_match(model, tokenizer, held_out, max_new_tokens=48, on_progress=on_progress)
     write_predictions(out / "predictions-before.jsonl", predictions)
     on_status(f"base model exact match: {before:.0%}; fine-tuning for {steps} steps")
     del model
@@ -102,6 +107,6 @@ def run_demo(out: Path, steps: int = 25, on_status: Callable[[str], None] = lamb
     model, tokenizer = load_model(config.model, quant="nf4")
     load_adapter(model, summary["adapter"])
     on_status("evaluating the fine-tuned model")
-    after, predictions = exact_match(model, tokenizer, held_out, max_new_tokens=48)
+    after, predictions = exact_match(model, tokenizer, held_out, max_new_tokens=48, on_progress=on_progress)
     write_predictions(out / "predictions-after.jsonl", predictions)
     return {"before": before, "after": after, "examples": len(held_out), **summary}

@@ -32,22 +32,26 @@ def exact_match(
     max_new_tokens: int = 64,
     on_prediction: Callable[[dict], None] | None = None,
     batch_size: int = 32,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[float, list[dict]]:
-    """Share of records whose greedy answer equals the reference (both stripped), and every prediction."""
+    """Share of records whose greedy answer equals the reference (both stripped), and every prediction.
+
+    The answers come from `generate_batch` (prompts batched by length, KV cache, 4-bit weights
+    dequantized once); `on_progress(done, total)` counts answered prompts as batches finish, and
+    `on_prediction(row)` then sees each prediction in the records' order.
+    """
     if not records:
         raise DataError("exact_match needs at least one record to evaluate")
+    prompts = [prompt_messages(r) for r in records]
+    expected = [reference(r) for r in records]  # a record without one fails before any generation
+    answers = generate_batch(model, tokenizer, prompts, max_new_tokens, batch_size, on_progress)
     predictions = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        prompts = [prompt_messages(r) for r in chunk]
-        answers = generate_batch(model, tokenizer, prompts, max_new_tokens, batch_size)
-        for record, prompt, answer in zip(chunk, prompts, answers, strict=True):
-            expected = reference(record)
-            row = {"source": record.source, "prompt": prompt, "prediction": answer, "reference": expected,
-                   "correct": answer.strip() == expected.strip()}
-            predictions.append(row)
-            if on_prediction is not None:
-                on_prediction(row)
+    for record, prompt, answer, ref in zip(records, prompts, answers, expected, strict=True):
+        row = {"source": record.source, "prompt": prompt, "prediction": answer, "reference": ref,
+               "correct": answer.strip() == ref.strip()}
+        predictions.append(row)
+        if on_prediction is not None:
+            on_prediction(row)
     return sum(p["correct"] for p in predictions) / len(predictions), predictions
 
 

@@ -1,16 +1,21 @@
 """Text generation with our own sampling loop: prompts from records, tokens, streamed text.
 
-The loop calls the model itself with the Hugging Face KV cache (the prompt once, then one token
-at a time) instead of `model.generate`, so it works the same on any model we build: 4-bit
+The loops call the model themselves with the Hugging Face KV cache (the prompt once, then one
+token at a time) instead of `model.generate`, so they work the same on any model we build: 4-bit
 layers and LoRA layers are ordinary modules, and nothing depends on generation-config defaults.
 Greedy when temperature is 0; otherwise temperature and nucleus (top-p) sampling drawn from a
 seeded torch.Generator, so a seed gives the same text every time on the same machine.
+
+Many prompts (`greedy_batch`, `generate_batch`) run sorted by length, so a batch holds prompts of
+about one length and little padding; each batch stops as soon as every row has written a stop
+token, and the answers come back in the prompts' order. Both loops run with the 4-bit weights
+dequantized once (`inference.dequantized_for_inference`), not at every token.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -19,6 +24,7 @@ from torch import nn
 from .data.records import Record
 from .data.render import ensure_chat_template
 from .errors import DataError, GenerationError
+from .inference import dequantized_for_inference
 
 # Chat templates end an assistant turn with one of these rather than (only) the tokenizer's eos.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>")
@@ -127,13 +133,29 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     return int(order[choice])
 
 
+def _cached_forward(model: nn.Module) -> Callable[..., tuple[torch.Tensor, object]]:
+    """`run(cache, **inputs) -> (last-position logits (B, V), grown cache)` for `model`.
+
+    The cache goes in under the name the model's forward takes (`cache` in transformers 5.24+,
+    `past_key_values` before), and only the last position's logits are computed where it can.
+    """
+    params = inspect.signature(model.forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    def run(cache, **inputs) -> tuple[torch.Tensor, object]:
+        out = model(**inputs, **{name: cache}, use_cache=True, **extra)
+        grown = getattr(out, "cache", None)
+        return out.logits[:, -1], grown if grown is not None else out.past_key_values
+
+    return run
+
+
 @torch.inference_mode()
-def _step(model: nn.Module, ids: torch.Tensor, cache, keep_last: bool, sampling: tuple) -> tuple[int, object]:
+def _step(run, ids: torch.Tensor, cache, sampling: tuple) -> tuple[int, object]:
     """Run (1, T) new ids through the model with the cache; the next token and the grown cache."""
-    extra = {"logits_to_keep": 1} if keep_last else {}
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra)
-    logits = out.logits[0, -1].float()  # (V,)
-    return _sample(logits, *sampling), out.past_key_values
+    logits, cache = run(cache, input_ids=ids)
+    return _sample(logits[0].float(), *sampling), cache  # (V,) float32 logits
 
 
 def generate_tokens(
@@ -148,7 +170,8 @@ def generate_tokens(
     """Yield new token ids one by one until an eos id (not yielded) or `max_new_tokens`.
 
     `eos_token_ids=None` takes the model's configured eos ids; `[]` never stops early. The model is
-    in eval mode while the iterator runs and gets its training flags back when it ends or is closed.
+    in eval mode, its 4-bit layers dequantized (`dequantized_for_inference`), while the iterator
+    runs; it gets its training flags and 4-bit layers back when the iterator ends or is closed.
     """
     _check_settings(max_new_tokens, temperature, top_p)
     if len(input_ids) == 0:
@@ -164,17 +187,17 @@ def generate_tokens(
     generator = None
     if seed is not None and temperature > 0:
         generator = torch.Generator(device=device).manual_seed(seed)
-    keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
     sampling = (temperature, top_p, generator)
-    return _loop(model, torch.tensor([list(input_ids)], device=device), max_new_tokens, stop, keep_last, sampling)
+    return _loop(model, torch.tensor([list(input_ids)], device=device), max_new_tokens, stop, sampling)
 
 
-def _loop(model, ids: torch.Tensor, max_new_tokens: int, stop: set[int], keep_last: bool, sampling) -> Iterator[int]:
+def _loop(model, ids: torch.Tensor, max_new_tokens: int, stop: set[int], sampling) -> Iterator[int]:
     # Inference mode is entered per step, never held across a yield, so it cannot leak to the caller.
-    with eval_mode(model):
-        cache = None
+    # Eval mode and the dequantized weights last until the iterator ends or is closed.
+    with eval_mode(model), dequantized_for_inference(model):
+        run, cache = _cached_forward(model), None
         for _ in range(max_new_tokens):
-            token, cache = _step(model, ids, cache, keep_last, sampling)
+            token, cache = _step(run, ids, cache, sampling)
             if token in stop:
                 return
             yield token
@@ -207,30 +230,96 @@ def generate_text(model: nn.Module, tokenizer, prompt: list[dict] | str, **kw) -
     return tokenizer.decode(tokens)
 
 
-def generate_batch(model: nn.Module, tokenizer, prompts: list[list[dict] | str], max_new_tokens: int = 64,
-                   batch_size: int = 32) -> list[str]:
-    """Greedy answers to many prompts, `batch_size` at a time (left-padded, one forward per token).
+def greedy_batch(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    eos_token_ids: Iterable[int] | None = None,
+    batch_size: int = 32,
+    pad_token_id: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
+    """Greedy continuations of many prompts (token ids), in the prompts' order; stop ids not included.
 
-    Batching matters most for a 4-bit model, whose every forward dequantizes every weight:
-    one batch of 32 costs about what a single prompt does.
+    Prompts run `batch_size` at a time, longest first, left-padded, with the KV cache and the
+    4-bit weights dequantized once; a batch ends when every row has stopped. `eos_token_ids=None`
+    takes the model's configured eos ids. `on_progress(done, total)` is called with 0 before the
+    first batch and after each batch with the number of prompts answered so far.
+    """
+    _check_settings(max_new_tokens, 0.0, 1.0)
+    if batch_size < 1:
+        raise GenerationError(f"batch_size must be at least 1, got {batch_size}")
+    limit = _context_limit(model)
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise GenerationError(f"prompt {i} has no token; every prompt needs at least one")
+        if limit is not None and len(p) >= limit:
+            raise GenerationError(f"prompt {i} has {len(p)} tokens but the model's context is {limit}; shorten it")
+    stop = set(_config_eos_ids(model) if eos_token_ids is None else eos_token_ids)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    answers: list[list[int]] = [[] for _ in prompts]
+    if on_progress is not None:
+        on_progress(0, len(prompts))
+    device = model_device(model)
+    with eval_mode(model), dequantized_for_inference(model), torch.inference_mode():
+        run = _cached_forward(model)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            budgets = [max_new_tokens if limit is None else min(max_new_tokens, limit - len(prompts[i])) for i in rows]
+            batch = [list(prompts[i]) for i in rows]
+            for i, tokens in zip(rows, _greedy_rows(run, batch, budgets, stop, pad_token_id, device), strict=True):
+                answers[i] = tokens
+            if on_progress is not None:
+                on_progress(start + len(rows), len(prompts))
+    return answers
+
+
+def _greedy_rows(run, prompts: list[list[int]], budgets: list[int], stop: set[int], pad_id: int,
+                 device: torch.device) -> list[list[int]]:
+    """Greedy tokens of one left-padded batch, one forward per token; ends when every row has stopped."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its first real token
+    out: list[list[int]] = [[] for _ in prompts]
+    running = [b > 0 for b in budgets]
+    cache = None
+    while any(running):
+        logits, cache = run(cache, input_ids=ids, attention_mask=mask, position_ids=positions)  # (B, V)
+        tokens = logits.float().argmax(-1).tolist()
+        for row, token in enumerate(tokens):
+            if not running[row]:
+                continue
+            if token in stop:
+                running[row] = False
+                continue
+            out[row].append(token)
+            running[row] = len(out[row]) < budgets[row]
+        ids = torch.tensor([[t] for t in tokens], device=device)  # a stopped row's token is never read
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        positions = positions[:, -1:] + 1
+    return out
+
+
+def generate_batch(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[dict] | str],
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Greedy answers to many chat or plain-text prompts, in their order (see `greedy_batch`).
+
+    Batching matters most for a 4-bit model: one forward of a batch of 32 costs little more than
+    one of a single prompt, so the per-token cost is shared.
     """
     stops = stop_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    answers: list[str] = []
-    device = model_device(model)
-    with eval_mode(model), torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
-            encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-            width = max(len(e) for e in encoded)
-            ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, e in enumerate(encoded):
-                ids[row, width - len(e) :] = torch.tensor(e)
-                mask[row, width - len(e) :] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=stops,
-                                 pad_token_id=pad_id)
-            for row in out[:, width:].tolist():
-                end = next((i for i, t in enumerate(row) if t in stops), len(row))
-                answers.append(tokenizer.decode(row[:end]))
-    return answers
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    tokens = greedy_batch(model, encoded, max_new_tokens, stops, batch_size, pad_id, on_progress)
+    return [tokenizer.decode(t) for t in tokens]
