@@ -30,6 +30,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_eval.py
 	$(BIN)/python bench/bench_plan.py
 	$(BIN)/python bench/bench_dequant.py
 	$(BIN)/python bench/bench_load.py

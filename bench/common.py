@@ -30,12 +30,14 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def run_worker(script: str, method: str, args: list[str], tail: int = 30) -> dict:
+def run_worker(script: str, method: str, args: list[str], tail: int = 30, python: str | Path | None = None) -> dict:
     """Run `script --worker method *args` in a fresh interpreter; its last stdout line is a JSON result.
 
-    A failed worker gives {"method", "error"} with the last `tail` lines of its output.
+    `python` picks the interpreter (another virtual environment's; default this one). A failed
+    worker gives {"method", "error"} with the last `tail` lines of its output.
     """
-    proc = subprocess.run([sys.executable, script, "--worker", method, *args], capture_output=True, text=True)
+    cmd = [str(python or sys.executable), script, "--worker", method, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()[-tail:]
         return {"method": method, "error": "\n".join(lines)}
