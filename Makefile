@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench bench-scale clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_dequant.py
 	$(BIN)/python bench/bench_load.py
 	$(BIN)/python bench/bench_gguf_load.py
+
+bench-scale: $(STAMP)
+	$(BIN)/python bench/bench_scale.py --size 1b
+	$(BIN)/python bench/bench_scale.py --size 7b
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
