@@ -365,7 +365,7 @@ def run_ours(folder: Path, jsonl: Path, work: Path, a: argparse.Namespace, token
         "lora": {"r": a.rank, "alpha": ALPHA, "dropout": DROPOUT, "targets": "all-linear"},
         "data": {"train": str(jsonl), "max_length": a.seq, "train_on": "completion", "packing": False},
         "train": {"max_steps": a.steps, "batch_size": a.batch, "grad_accum": 1, "lr": LR, "optimizer": "adamw",
-                  "max_grad_norm": 1.0, "grad_checkpointing": a.ckpt == "on", "log_every": 1, "eval_every": 0,
+                  "max_grad_norm": 1.0, "grad_checkpointing": {"on": "full", "off": "off"}.get(a.ckpt, a.ckpt), "log_every": 1, "eval_every": 0,
                   "save_every": 0, "seed": 0},
         "output_dir": str(out_dir),
     }
@@ -412,7 +412,7 @@ def run_peer(folder: Path, batches: Path, work: Path, a: argparse.Namespace, tok
 
 def run_plan(folder: Path, a: argparse.Namespace) -> dict:
     cmd = [str(Path(sys.executable).with_name("qlorafit")), "plan", "--model", str(folder), "--seq", str(a.seq),
-           "--batch", str(a.batch), "--rank", str(a.rank)] + (["--grad-checkpointing"] if a.ckpt == "on" else [])
+           "--batch", str(a.batch), "--rank", str(a.rank)] + (["--grad-checkpointing"] if a.ckpt != "off" else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     out = {"command": " ".join(cmd), "output": proc.stdout.strip() or proc.stderr.strip()}
     for line in proc.stdout.splitlines():
@@ -490,7 +490,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--ckpt", choices=["on", "off"], default="on", help="gradient checkpointing (default on)")
+    parser.add_argument("--ckpt", choices=["on", "off", "selective"], default="on",
+                        help="gradient checkpointing (default on = full; selective: ours keeps linear outputs, the peer "
+                             "runs full checkpointing)")
     parser.add_argument("--quick", action="store_true", help="--size 1b --steps 3")
     parser.add_argument("--stacks", default="ours,peer")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -500,7 +502,7 @@ def main() -> None:
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.worker == "peer":
-        peer_worker(a.model_dir, a.batches, a.rank, a.ckpt == "on", a.result)
+        peer_worker(a.model_dir, a.batches, a.rank, a.ckpt != "off", a.result)
         return
     if a.worker == "write-model":
         print(json.dumps(write_model(a.args[0], Path(a.args[1]))))
@@ -554,7 +556,7 @@ def main() -> None:
             "load_s": "process launch to the start of the first training step (ours: first metrics.jsonl line, "
                       "polled every 20 ms, minus its elapsed_s; peer: reported by the worker)"}
     table = markdown(results, plan, info)
-    name = f"scale-{a.size}" + ("-ckpt-off" if a.ckpt == "off" else "")
+    name = f"scale-{a.size}" + ("" if a.ckpt == "on" else f"-ckpt-{a.ckpt}")
     (OUT / f"{name}.json").write_text(json.dumps({"info": info, "plan": plan, "results": results, "table": table},
                                                  indent=1))
     print("\n" + table)

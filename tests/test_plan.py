@@ -81,8 +81,23 @@ def test_grad_checkpointing_auto_follows_the_planner(tiny_chat_model_dir, tmp_pa
     assert cfg.train.grad_checkpointing == "auto"
     monkeypatch.setattr(run_module, "device_memory", lambda kind: 64 * GiB)
     monkeypatch.setattr(run_module, "rss_bytes", lambda: 0)
-    assert use_grad_checkpointing(cfg, model) is False
+    assert use_grad_checkpointing(cfg, model) == "off"
     monkeypatch.setattr(run_module, "device_memory", lambda kind: 1)
-    assert use_grad_checkpointing(cfg, model) is True
+    assert use_grad_checkpointing(cfg, model) == "full"
+    # between the two: fits with selective checkpointing, not without checkpointing
+    monkeypatch.setattr(run_module, "plan", lambda *a, grad_checkpointing, available, **k: plan(
+        *a, grad_checkpointing=grad_checkpointing, available=available if grad_checkpointing else 1, **k))
+    monkeypatch.setattr(run_module, "device_memory", lambda kind: 64 * GiB)
+    assert use_grad_checkpointing(cfg, model) == "selective"
+    cfg.train.grad_checkpointing = "selective"
+    assert use_grad_checkpointing(cfg, model) == "selective"
     cfg.train.grad_checkpointing = False
-    assert use_grad_checkpointing(cfg, model) is False
+    assert use_grad_checkpointing(cfg, model) == "off"
+    cfg.train.grad_checkpointing = True
+    assert use_grad_checkpointing(cfg, model) == "full"
+
+
+def test_selective_checkpointing_plans_between_full_and_none():
+    shape = shape_from_params(1.1e9)
+    sizes = {m: plan(shape, batch=4, seq=512, grad_checkpointing=m).rows["activations"] for m in (False, "selective", True)}
+    assert sizes[True] < sizes["selective"] < sizes[False]

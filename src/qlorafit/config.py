@@ -72,9 +72,10 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = Field(
         "adamw", description="adamw; adamw8bit keeps both moments in 8 bits; paged_* keep state in a file-backed map"
     )
-    grad_checkpointing: bool | Literal["auto"] = Field(
-        "auto", description="recompute each decoder layer in backward to save memory; auto = only when the memory "
-        "planner says the run would not fit otherwise"
+    grad_checkpointing: bool | Literal["auto", "full", "selective", "off"] = Field(
+        "auto", description="recompute each decoder layer in backward to save memory: full (or true) recomputes it "
+        "whole; selective keeps each linear layer's output and recomputes the rest (faster, more memory); off (or "
+        "false); auto = off if the memory planner says the run fits without, else selective if that fits, else full"
     )
     max_bad_steps: int = Field(
         5, gt=0, description="stop after this many steps in a row with a NaN or infinite loss or gradient (each is skipped)"

@@ -153,7 +153,7 @@ class Plan:
         lines = [
             f"{self.shape.name}: {self.shape.params / 1e6:,.1f}M parameters, {self.shape.layers} layers",
             f"{s['method']}, batch {s['batch']} x {s['seq']} tokens, r={s['rank']}, {s['optimizer']}, "
-            f"gradient checkpointing {'on' if s['grad_checkpointing'] else 'off'}, {s['device']} "
+            f"gradient checkpointing {_mode(s['grad_checkpointing'])}, {s['device']} "
             f"({s['compute_dtype']} compute)",
             "",
             f"{'component':<26}{'MiB':>12}",
@@ -169,6 +169,10 @@ class Plan:
         return "\n".join(lines)
 
 
+def _mode(grad_checkpointing: bool | str) -> str:
+    return grad_checkpointing if isinstance(grad_checkpointing, str) else ("on" if grad_checkpointing else "off")
+
+
 def plan(
     shape: ModelShape,
     method: str = "qlora",
@@ -176,7 +180,7 @@ def plan(
     seq: int = 512,
     rank: int = 16,
     optimizer: str = "adamw",
-    grad_checkpointing: bool = False,
+    grad_checkpointing: bool | str = False,
     device: str = "cpu",
     available: int | None = None,
     dropout: float = 0.05,
@@ -219,6 +223,8 @@ def plan(
         per_token_layer += 2 * h + q + shape.intermediate  # one bool mask per distinct LoRA input
     layer = tokens * per_token_layer
     kept = tokens * h * cbytes * shape.layers + layer if grad_checkpointing else layer * shape.layers
+    if grad_checkpointing == "selective":  # plus every linear layer's base output, kept for the recomputation
+        kept += tokens * cbytes * sum(o for _, o in shape.linear)
     rows["activations"] = int(kept)
     head_rows = min(tokens, max(16, HEAD_CHUNK_BYTES // (4 * shape.vocab)))
     rows["LM head and loss"] = int(2 * tokens * h * cbytes + 2 * head_rows * shape.vocab * 4)

@@ -112,9 +112,44 @@ def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 _RECOMPUTED: dict[int, torch.Tensor] = {}
 
 
+# Selective checkpointing: each LoRA layer's base output x W^T (+ b) from the first forward, kept
+# for the checkpoint's recomputation of the same layer, which then skips both the dequantization
+# and the matmul (the backward dequantizes once for the input gradient). Costs one (tokens, out)
+# tensor per wrapped layer until the layer's recomputation; `release_kept_outputs` empties it.
+_KEPT_OUTPUTS: dict[int, torch.Tensor] = {}
+
+
+def keep_base_outputs(model: nn.Module, keep: bool = True) -> None:
+    """Turn selective checkpointing's kept base outputs on (or off) for every LoRA layer of `model`."""
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.keep_base_output = keep
+
+
+def release_kept_outputs() -> None:
+    """Drop base outputs no recomputation used (called after each backward)."""
+    _KEPT_OUTPUTS.clear()
+
+
 def _recomputing() -> bool:
     """True inside a backward pass: a forward running now is a checkpoint's recomputation."""
     return torch._C._current_graph_task_id() != -1
+
+
+def _base_output(ctx, x: torch.Tensor, x2: torch.Tensor, layer: LoraLinear, recomputing: bool) -> torch.Tensor:
+    """x W^T + b in x's shape, W dequantized (and kept for the backward when recomputing)."""
+    if ctx.needs_input_grad[0] and hasattr(layer.base_layer, "quant_state") and recomputing:
+        weight = _RECOMPUTED[id(layer)] = _base_weight(layer.base_layer, x.dtype)
+    else:
+        weight = _base_weight(layer.base_layer, x.dtype, reuse_buffer=True)
+    # the result is allocated in its final shape and filled through a 2-D view: a custom
+    # Function must not return a view, or a caller's in-place op on it would be refused
+    result = x2.new_empty(*x.shape[:-1], weight.shape[0])
+    out = torch.mm(x2, weight.t(), out=result.view(-1, weight.shape[0]))
+    bias = getattr(layer.base_layer, "bias", None)
+    if bias is not None:
+        out += bias
+    return result
 
 
 class _LoraMatmul(torch.autograd.Function):
@@ -123,17 +158,16 @@ class _LoraMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight_a, weight_b, layer, mask):
         x2 = x.reshape(-1, x.shape[-1])
-        if ctx.needs_input_grad[0] and hasattr(layer.base_layer, "quant_state") and _recomputing():
-            weight = _RECOMPUTED[id(layer)] = _base_weight(layer.base_layer, x.dtype)
+        recomputing = _recomputing()
+        kept = _KEPT_OUTPUTS.pop(id(layer), None) if recomputing else None
+        if kept is not None and kept.shape[:-1] == x.shape[:-1]:
+            result = kept  # selective checkpointing: the first forward's base output
+            out = result.view(-1, result.shape[-1])
         else:
-            weight = _base_weight(layer.base_layer, x.dtype, reuse_buffer=True)
-        # the result is allocated in its final shape and filled through a 2-D view: a custom
-        # Function must not return a view, or a caller's in-place op on it would be refused
-        result = x2.new_empty(*x.shape[:-1], weight.shape[0])
-        out = torch.mm(x2, weight.t(), out=result.view(-1, weight.shape[0]))
-        bias = getattr(layer.base_layer, "bias", None)
-        if bias is not None:
-            out += bias
+            result = _base_output(ctx, x, x2, layer, recomputing)
+            out = result.view(-1, result.shape[-1])
+            if layer.keep_base_output and not recomputing:
+                _KEPT_OUTPUTS[id(layer)] = result.clone()
         # dropout(x) A^T = ((x * mask) A^T) / (1 - p): the scale goes on the rank-r side
         a = _masked(x2, mask) @ weight_a.t()  # (tokens, r)
         if mask is not None:
@@ -195,6 +229,7 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
         self.merged = False
+        self.keep_base_output = False  # selective checkpointing (keep_base_outputs)
         self.reset_lora_parameters()
 
     @classmethod

@@ -27,6 +27,7 @@ from ..data.dataset import Dataset
 from ..errors import TrainingError, TrainingInterrupted
 from ..evaluate import eval_loss
 from ..fileio import atomic_write
+from ..lora.layer import keep_base_outputs, release_kept_outputs
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .loss import IGNORE, causal_lm_loss
 from .optim import AdamW
@@ -77,8 +78,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, output_dir: Path) -> torc
     return AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, bits=bits, paged=paged)
 
 
-def enable_grad_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer in backward instead of keeping its activations."""
+def enable_grad_checkpointing(model: nn.Module, selective: bool = False) -> None:
+    """Recompute each decoder layer in backward instead of keeping its activations.
+
+    `selective` keeps each LoRA layer's base output from the forward, so the recomputation
+    skips its dequantization and matmul and redoes only the rest (norms, attention, activations).
+    """
+    keep_base_outputs(model, selective)
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -114,6 +120,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[d
     for batch in micro:
         loss_sum, _ = causal_lm_loss(model, batch)
         (loss_sum / max(tokens, 1)).backward()
+        release_kept_outputs()
         total += float(loss_sum.detach())
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad for p in params if p.grad is not None]

@@ -56,20 +56,24 @@ def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def use_grad_checkpointing(config: RunConfig, model) -> bool:
-    """The config's choice; for `auto`, on only if the planner says the run would not fit without it."""
+def use_grad_checkpointing(config: RunConfig, model) -> str:
+    """"off", "full" or "selective": the config's choice; for `auto`, the least recomputation that fits."""
     choice = config.train.grad_checkpointing
     if choice != "auto":
-        return bool(choice)
+        return {True: "full", False: "off"}.get(choice, choice)
     kind = "cuda" if next(model.parameters()).device.type == "cuda" else "cpu"
     available = device_memory(kind) + (rss_bytes() if kind == "cpu" else 0)
-    result = plan(shape_from_config(model.config), method="lora" if config.quant.type == "none" else "qlora",
-                  batch=config.train.batch_size, seq=config.data.max_length, rank=config.lora.r,
-                  optimizer=config.train.optimizer, grad_checkpointing=False, device=kind, available=available,
-                  dropout=config.lora.dropout, double_quant=config.quant.double_quant, blocksize=config.quant.blocksize)
-    logger.info("grad_checkpointing auto: %.2f GiB planned without it, %.2f GiB available: %s", result.total / 2**30,
-                available / 2**30, "off" if result.fits else "on")
-    return not result.fits
+    for mode in ("off", "selective"):
+        result = plan(shape_from_config(model.config), method="lora" if config.quant.type == "none" else "qlora",
+                      batch=config.train.batch_size, seq=config.data.max_length, rank=config.lora.r,
+                      optimizer=config.train.optimizer, grad_checkpointing=False if mode == "off" else mode,
+                      device=kind, available=available, dropout=config.lora.dropout,
+                      double_quant=config.quant.double_quant, blocksize=config.quant.blocksize)
+        logger.info("grad_checkpointing auto: %.2f GiB planned with %s, %.2f GiB available", result.total / 2**30,
+                    mode, available / 2**30)
+        if result.fits:
+            return mode
+    return "full"
 
 
 def run_training(config: RunConfig, resume: bool = False, overwrite: bool = False,
@@ -86,8 +90,9 @@ def run_training(config: RunConfig, resume: bool = False, overwrite: bool = Fals
         raise QlorafitError(f"{config.model}: has no tokenizer files, which training needs")
     lc = config.lora
     add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets, rslora=lc.rslora)
-    if use_grad_checkpointing(config, model):
-        enable_grad_checkpointing(model)
+    mode = use_grad_checkpointing(config, model)
+    if mode != "off":
+        enable_grad_checkpointing(model, selective=mode == "selective")
     d = config.data
     train_data = load_dataset(d.train, tokenizer, d.format, d.max_length, d.train_on)
     eval_data = load_dataset(d.eval, tokenizer, d.format, d.max_length, d.train_on) if d.eval else None
