@@ -25,7 +25,9 @@ class _Progress:
 
         if "loss" in row:
             if self.bar is None:
-                self.bar = tqdm(total=row.get("total_steps"), initial=row["step"] - 1, unit="step", dynamic_ncols=True)
+                # starts at this step: the rate and ETA count from here (a bar that first jumped a
+                # whole step in no time would show a nonsense rate)
+                self.bar = tqdm(total=row.get("total_steps"), initial=row["step"], unit="step", dynamic_ncols=True)
             self.bar.update(row["step"] - self.bar.n)
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         elif "eval_loss" in row:
