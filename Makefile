@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install allocator test lint demo bench bench-scale clean
+.PHONY: install allocator test lint demo bench bench-quick bench-scale clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,19 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_dequant.py
 	$(BIN)/python bench/bench_load.py
 	$(BIN)/python bench/bench_gguf_load.py
+	$(BIN)/python bench/bench_scale.py --size 1b --ckpt selective
+	$(BIN)/python bench/bench_scale.py --size 1b
+
+# every table in a few minutes, with fewer steps, prompts and repeats (numbers for a smoke check,
+# not for docs/benchmarks.md)
+bench-quick: $(STAMP)
+	$(BIN)/python bench/bench_train.py --steps 2 --warmup 1
+	$(BIN)/python bench/bench_eval.py --n 8
+	$(BIN)/python bench/bench_plan.py --steps 2
+	$(BIN)/python bench/bench_dequant.py
+	$(BIN)/python bench/bench_load.py --small --repeats 1
+	$(BIN)/python bench/bench_gguf_load.py --repeats 1
+	$(BIN)/python bench/bench_scale.py --quick --ckpt selective
 
 bench-scale: $(STAMP)
 	$(BIN)/python bench/bench_scale.py --size 1b
