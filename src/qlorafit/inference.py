@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .quant.linear4bit import Linear4bit
-from .sysmem import available_bytes
+from .sysmem import free_memory
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +66,9 @@ def _float_bytes(layers: list[Linear4bit]) -> dict[torch.device, int]:
     return need
 
 
-def _available(device: torch.device) -> int:
-    """Free memory on `device`: MemAvailable for the CPU, the free memory of a CUDA device."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return available_bytes()
-
-
 def _fits(layers: list[Linear4bit], budget_bytes: int | None) -> bool:
     for device, need in _float_bytes(layers).items():
-        budget = budget_bytes if budget_bytes is not None else int(WEIGHT_SHARE * _available(device))
+        budget = budget_bytes if budget_bytes is not None else int(WEIGHT_SHARE * free_memory(device))
         if need > budget:
             log.info("keeping 4-bit weights for inference: their float copies need %.2f GiB on %s, "
                      "the budget there is %.2f GiB (each forward call dequantizes them instead)",

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import QlorafitError
-from .sysmem import available_bytes
+from .sysmem import free_memory
 
 GiB = 1024**3
 MiB = 1024**2
@@ -265,5 +265,4 @@ def device_memory(kind: str) -> int:
 
         if not torch.cuda.is_available():
             raise QlorafitError("no CUDA device here; give its size, e.g. --device cuda:24GB")
-        return torch.cuda.mem_get_info()[0]
-    return available_bytes()
+    return free_memory(kind)

@@ -48,3 +48,14 @@ def rss_bytes() -> int:
 def available_bytes() -> int:
     """Memory the OS can give now without swapping (MemAvailable; total RAM when unknown)."""
     return _proc_field("/proc/meminfo", "MemAvailable") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def free_memory(device) -> int:
+    """Memory that can be allocated now on `device` (a torch.device or its name): MemAvailable on
+    the CPU, the free memory of that GPU on CUDA."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_bytes()

@@ -120,10 +120,9 @@ def _with_gguf(qtype: GGMLQuantizationType) -> Callable[[torch.Tensor], torch.Te
 def decoder(qtype: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The function (n_blocks, type_size) uint8 -> float32 values for GGML type `qtype`.
 
-    Raises NotImplementedError for a type that nothing here can decode.
+    `qtype` must be a type the gguf package knows (`type_sizes` is not None); raises
+    NotImplementedError for one that nothing here can decode.
     """
-    if int(qtype) not in _KNOWN_IDS:
-        raise NotImplementedError(f"GGML {type_name(qtype)} is unknown to the installed gguf package")
     qtype = GGMLQuantizationType(qtype)
     if qtype in _OWN:
         return _OWN[qtype]
@@ -136,9 +135,10 @@ def decoder(qtype: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def dequantize_gguf_data(data: np.ndarray, qtype: int) -> torch.Tensor:
     """The float32 values of GGUF tensor data `data` (its raw bytes, any shape) of type `qtype`, flat."""
-    if int(qtype) not in _KNOWN_IDS:
+    sizes = type_sizes(qtype)
+    if sizes is None:
         raise ModelLoadError(f"unknown GGML tensor type {type_name(qtype)}")
-    block_size, type_size = type_sizes(qtype)
+    block_size, type_size = sizes
     dequantize = decoder(qtype)
     raw = np.asarray(data).reshape(-1).view(np.uint8)  # may be a read-only view of a memory map
     n_blocks = raw.size // type_size
