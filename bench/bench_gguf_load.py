@@ -29,14 +29,13 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench_load import RssSampler, model_bytes  # bench/bench_load.py: same measurements
-from common import ROOT, reset_peak_rss, run_worker, src_digest  # bench/common.py
+from common import ROOT, reset_peak_rss, run_worker, spread, src_digest  # bench/common.py
 
 OUT = Path(__file__).resolve().parent / "out"
 MiB = 1024 * 1024
@@ -238,20 +237,17 @@ def summarize(method: str, runs: list[dict]) -> dict:
     if not ok:
         return {"method": method, "error": runs[-1]["error"], "runs": len(runs), "failed": len(runs)}
 
-    def stats(values: list[float]) -> dict:
-        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
     return {
         "method": method,
         "runs": len(runs),
         "failed": len(runs) - len(ok),
-        "wall_s": stats([r["wall_s"] for r in ok]),
-        "baseline_rss": stats([r["baseline_rss"] for r in ok]),
-        "peak_hwm": stats([r["peak_hwm"] for r in ok]),
-        "peak_delta_hwm": stats([r["peak_hwm"] - r["baseline_rss"] for r in ok]),
-        "peak_delta_anon": stats([r["peak_anon_psutil"] - r["baseline_anon"] for r in ok]),
-        "rss_after_load": stats([r["rss_after_load"] for r in ok]),
-        "anon_after_load": stats([r["anon_after_load"] for r in ok]),
+        "wall_s": spread([r["wall_s"] for r in ok]),
+        "baseline_rss": spread([r["baseline_rss"] for r in ok]),
+        "peak_hwm": spread([r["peak_hwm"] for r in ok]),
+        "peak_delta_hwm": spread([r["peak_hwm"] - r["baseline_rss"] for r in ok]),
+        "peak_delta_anon": spread([r["peak_anon_psutil"] - r["baseline_anon"] for r in ok]),
+        "rss_after_load": spread([r["rss_after_load"] for r in ok]),
+        "anon_after_load": spread([r["anon_after_load"] for r in ok]),
         "model_bytes": ok[0]["total_bytes"],
         "quant_state_bytes": ok[0]["quant_state_bytes"],
         "n_params": ok[0]["n_params"],

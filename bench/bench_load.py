@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import psutil
-from common import reset_peak_rss, run_worker, src_digest  # bench/common.py
+from common import reset_peak_rss, run_worker, spread, src_digest  # bench/common.py
 
 OUT = Path(__file__).resolve().parent / "out"
 MiB = 1024 * 1024
@@ -288,9 +288,6 @@ def summarize(method: str, runs: list[dict]) -> dict:
     if not ok:
         return {"method": method, "error": runs[-1]["error"], "runs": len(runs), "failed": len(runs)}
 
-    def stats(values: list[float]) -> dict:
-        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
     def delta(r: dict, key: str, base: str = "baseline_rss") -> int:
         return r[key] - r[base]
 
@@ -300,17 +297,17 @@ def summarize(method: str, runs: list[dict]) -> dict:
         "method": method,
         "runs": len(runs),
         "failed": len(runs) - len(ok),
-        "wall_s": stats([r["wall_s"] for r in ok]),
-        "baseline_rss": stats([r["baseline_rss"] for r in ok]),
-        "peak_delta_hwm": stats(peak),
-        "peak_delta_maxrss": stats([delta(r, "peak_maxrss") for r in ok]),
-        "peak_delta_rss_psutil": stats([delta(r, "peak_rss_psutil") for r in ok]),
-        "peak_delta_anon": stats([delta(r, "peak_anon_psutil", "baseline_anon") for r in ok]),
-        "delta_after_load": stats([delta(r, "rss_after_load") for r in ok]),
-        "delta_after_malloc_trim": stats([delta(r, "rss_after_malloc_trim") for r in ok]),
+        "wall_s": spread([r["wall_s"] for r in ok]),
+        "baseline_rss": spread([r["baseline_rss"] for r in ok]),
+        "peak_delta_hwm": spread(peak),
+        "peak_delta_maxrss": spread([delta(r, "peak_maxrss") for r in ok]),
+        "peak_delta_rss_psutil": spread([delta(r, "peak_rss_psutil") for r in ok]),
+        "peak_delta_anon": spread([delta(r, "peak_anon_psutil", "baseline_anon") for r in ok]),
+        "delta_after_load": spread([delta(r, "rss_after_load") for r in ok]),
+        "delta_after_malloc_trim": spread([delta(r, "rss_after_malloc_trim") for r in ok]),
         "model_bytes": size,
         "quant_state_bytes": ok[0]["quant_state_bytes"],
-        "peak_delta_over_model": stats([d / size for d in peak]),
+        "peak_delta_over_model": spread([d / size for d in peak]),
         "forward_ok": all(r["forward_ok"] for r in ok),
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,8 @@ def run_worker(script: str, method: str, args: list[str], tail: int = 30, python
         lines = (proc.stderr or proc.stdout).strip().splitlines()[-tail:]
         return {"method": method, "error": "\n".join(lines)}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def spread(values: list[float]) -> dict:
+    """Median, min and max of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}

@@ -17,14 +17,7 @@ from qlorafit.data.render import (
 from qlorafit.errors import DataError
 from qlorafit.generate import encode_prompt, generate_text, stop_token_ids
 from tests.conftest import byte_tokenizer
-
-CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Hi"},
-    {"role": "assistant", "content": "Hello there"},
-    {"role": "user", "content": "2+2?"},
-    {"role": "assistant", "content": "4"},
-]
+from tests.data.test_render import CONVERSATION, _trained_text
 
 
 def base_tokenizer(eos: str | None = "</s>", extra: tuple[str, ...] = ()):
@@ -44,10 +37,6 @@ def base_tokenizer(eos: str | None = "</s>", extra: tuple[str, ...] = ()):
         tok.add_special_tokens({"additional_special_tokens": list(extra)})
     assert tok.chat_template is None
     return tok
-
-
-def _trained_text(tok, example):
-    return tok.decode([t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE])
 
 
 @pytest.mark.parametrize("extra", [(), ("<|im_end|>",)], ids=["plain", "only-im_end"])
