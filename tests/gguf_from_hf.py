@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from tiny_gguf import EOS_TOKEN_ID, MERGES, SPECIAL_TOKENS, permute_rotary, tokenizer_tokens
+from tiny_gguf import EOS_TOKEN_ID, MERGES, SPECIAL_TOKENS, finish_gguf, permute_rotary, tokenizer_tokens
 from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
 TABLE_NAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
@@ -129,14 +129,7 @@ def write_gguf_from_hf(model, path: Path, arch: str, name: str = "tiny", qtype=g
     writer.add_name(name)
     _write_metadata(writer, arch, model.config)
     _write_tokenizer(writer)
-    for gguf_name, array in _llama_cpp_tensors(model, arch):
-        if array.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name, array.astype(np.float32))
-        else:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    f32 = gguf.GGMLQuantizationType.F32
+    finish_gguf(writer, [(n, a, f32 if a.ndim == 1 else qtype) for n, a in _llama_cpp_tensors(model, arch)])
     return path
 

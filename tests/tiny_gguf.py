@@ -147,10 +147,17 @@ def write_tiny_llama_gguf(
     writer.add_bos_token_id(EOS_TOKEN_ID)
     writer.add_eos_token_id(EOS_TOKEN_ID)
     writer.add_add_bos_token(False)
-    for name, array in tensors.items():
-        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+    finish_gguf(writer, [(name, array, gguf.GGMLQuantizationType.F32) for name, array in tensors.items()])
+    return weights
+
+
+def finish_gguf(writer: gguf.GGUFWriter, tensors) -> None:
+    """Add (name, float array, GGML type) tensors, stored in that type, and write the file out."""
+    plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    for name, array, qtype in tensors:
+        data = gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
+        writer.add_tensor(name, data) if qtype in plain else writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return weights

@@ -27,6 +27,7 @@ from qlorafit.models import gguf as gguf_loader
 from qlorafit.models.ggml import dequantize_gguf_data
 from qlorafit.models.gguf import gguf_config, gguf_tokenizer, iter_gguf_tensors
 from qlorafit.models.meta import empty_model
+from tests.tiny_gguf import finish_gguf
 
 REAL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_TEMPLATE = (
@@ -153,7 +154,8 @@ def _write_gguf(
     writer.add_layer_norm_rms_eps(1e-6)
     if sentencepiece:
         _write_sentencepiece(writer)
-        return _finish_gguf(writer, tensors, path)
+        finish_gguf(writer, tensors)
+        return path
     tokens = [*bytes_to_unicode().values(), "hi", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
@@ -162,19 +164,7 @@ def _write_gguf(
     writer.add_token_merges(["h i"])
     writer.add_eos_token_id(259)  # no padding id: the tokenizer must fall back to eos
     writer.add_chat_template(CHAT_TEMPLATE)
-    return _finish_gguf(writer, tensors, path)
-
-
-def _finish_gguf(writer: gguf.GGUFWriter, tensors: list[tuple[str, np.ndarray, Q]], path: Path) -> Path:
-    for name, array, qtype in tensors:
-        if qtype in (Q.F32, Q.F16):
-            writer.add_tensor(name, gguf.quants.quantize(array, qtype))
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer, tensors)
     return path
 
 
