@@ -3,6 +3,7 @@
 from .errors import (
     AdapterError,
     DataError,
+    ExportError,
     GenerationError,
     ModelLoadError,
     QlorafitError,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterError",
     "DataError",
+    "ExportError",
     "GenerationError",
     "Linear4bit",
     "LoraConfig",

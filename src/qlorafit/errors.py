@@ -43,3 +43,7 @@ class TrainingInterrupted(TrainingError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+class ExportError(QlorafitError):
+    """A model or adapter that cannot be written in the requested format (GGUF, Ollama)."""
