@@ -16,7 +16,8 @@ Ollama differs from `apply_chat_template` in two ways this module follows: the g
 is added whenever the last message is not the assistant's, and a last assistant message is left
 open (no end-of-turn after it) so the model continues it. Templates that trim message content
 (`| trim`, `.strip()`) are matched on content without surrounding whitespace; Go templates have no
-trim, so Ollama passes such whitespace through.
+trim, so Ollama passes such whitespace through. Text a template computes when it renders (Llama
+3.2's "Today Date") is measured at export and stays fixed in the Ollama template.
 """
 
 from __future__ import annotations
