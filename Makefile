@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install allocator test lint demo bench bench-quick bench-scale clean
+.PHONY: install allocator test lint demo bench bench-quick bench-scale gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -60,6 +60,11 @@ bench-quick: $(STAMP)
 bench-scale: $(STAMP)
 	$(BIN)/python bench/bench_scale.py --size 1b
 	$(BIN)/python bench/bench_scale.py --size 7b
+
+# on a machine with an NVIDIA GPU: device tests on CPU and CUDA, the suite, the training benchmark
+# against peft + bitsandbytes on the GPU, one summary table (exit code 2 where there is no GPU)
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -23,6 +23,9 @@ checkpointing) divided by this machine's fp32 GEMM rate measured on the model's 
 
     .venv/bin/python bench/bench_train.py [--steps 6] [--warmup 2] [--repeats 1]
     -> bench/out/train.json, bench/out/train.md, bench/out/train.png
+    .venv/bin/python bench/bench_train.py --device cuda      # on a GPU (make gpu-check)
+    -> bench/out/train-cuda.json, .md, .png; the float32 GEMM rate (TF32 off) and the floor are
+       the GPU's, and a column gives each stack's peak GPU memory (torch's max_memory_allocated)
 """
 
 from __future__ import annotations
@@ -138,13 +141,15 @@ def step_flops(config: dict, tokens: int, seq: int, rank: int, ckpt: bool) -> fl
     return float(forward + backward + recompute)
 
 
-def gemm_rate(config: dict, tokens: int, reps: int = 20) -> float:
+def gemm_rate(config: dict, tokens: int, reps: int = 20, device: str = "cpu") -> float:
     """fp32 GFLOP/s of this machine on the model's main GEMM shapes (forward and backward forms)."""
     import torch
 
+    torch.backends.cuda.matmul.allow_tf32 = False
     h, inter = config["hidden_size"], config["intermediate_size"]
-    x, xi = torch.randn(tokens, h), torch.randn(tokens, inter)
-    w_up, w_down, w_head = torch.randn(inter, h), torch.randn(h, inter), torch.randn(8192, h)
+    x, xi = torch.randn(tokens, h, device=device), torch.randn(tokens, inter, device=device)
+    w_up, w_down = torch.randn(inter, h, device=device), torch.randn(h, inter, device=device)
+    w_head = torch.randn(8192, h, device=device)
     ops = [(lambda: x @ w_up.t(), 2 * tokens * h * inter), (lambda: xi @ w_down.t(), 2 * tokens * h * inter),
            (lambda: xi @ w_up, 2 * tokens * h * inter), (lambda: x @ w_head.t(), 2 * tokens * h * 8192)]
     rates = []
@@ -153,11 +158,19 @@ def gemm_rate(config: dict, tokens: int, reps: int = 20) -> float:
         for fn, f in ops:
             fn()
             flops += f
+        _sync(device)
         rates.append(flops / (time.perf_counter() - start) / 1e9)
     return statistics.median(rates[2:])
 
 
 # --------------------------------------------------------------------------- worker (either venv)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _status_mib(key: str) -> float:
@@ -169,14 +182,14 @@ def _status_mib(key: str) -> float:
     return 0.0
 
 
-def _build_qlorafit(stack: str, model_dir: str, ckpt: bool):
+def _build_qlorafit(stack: str, model_dir: str, ckpt: bool, device: str):
     import torch
 
     from qlorafit import add_lora, load_model
     from qlorafit.train.loop import enable_grad_checkpointing, train_step
 
     quant = "nf4" if stack.endswith("qlora") else "none"
-    model, _ = load_model(model_dir, quant=quant, compute_dtype="float32")
+    model, _ = load_model(model_dir, quant=quant, compute_dtype="float32", device=device)
     add_lora(model, r=RANK, alpha=ALPHA, dropout=DROPOUT, targets="all-linear")
     if ckpt:
         enable_grad_checkpointing(model)
@@ -185,7 +198,7 @@ def _build_qlorafit(stack: str, model_dir: str, ckpt: bool):
     return model, lambda batch: train_step(model, opt, [batch], 1.0)[0]
 
 
-def _build_peft(stack: str, model_dir: str, ckpt: bool):
+def _build_peft(stack: str, model_dir: str, ckpt: bool, device: str):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -195,6 +208,8 @@ def _build_peft(stack: str, model_dir: str, ckpt: bool):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32)
+    if device != "cpu":
+        kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs)
     ckpt_kwargs = {"use_reentrant": False}
     if stack.endswith("qlora"):
@@ -220,25 +235,28 @@ def _build_peft(stack: str, model_dir: str, ckpt: bool):
     return model, step
 
 
-def worker(stack: str, ckpt: bool, model_dir: str, batches_file: str, steps: int, warmup: int) -> dict:
+def worker(stack: str, ckpt: bool, model_dir: str, batches_file: str, steps: int, warmup: int,
+           device: str = "cpu") -> dict:
     import torch
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 on both stacks, as on the CPU
     rss_imports = _status_mib("VmRSS")
     start = time.perf_counter()
     build = _build_qlorafit if stack.startswith("qlorafit") else _build_peft
-    model, step = build(stack, model_dir, ckpt)
+    model, step = build(stack, model_dir, ckpt, device)
     load_s = time.perf_counter() - start
     rss_loaded, peak_load = _status_mib("VmRSS"), _status_mib("VmHWM")
-    data = load_file(batches_file)
+    data = load_file(batches_file, device=device)
     n = data["input_ids"].shape[0]
     times, losses = [], []
     hwm_reset = reset_peak_rss()
     for i in range(warmup + steps):
         batch = {k: v[i % n] for k, v in data.items()}
         t = time.perf_counter()
-        losses.append(step(batch))
+        losses.append(step(batch))  # float(loss) waits for the device
+        _sync(device)
         times.append(time.perf_counter() - t)
     return {
         "stack": stack, "ckpt": ckpt, "step_s": times[warmup:], "warmup_s": times[:warmup], "losses": losses,
@@ -247,7 +265,8 @@ def worker(stack: str, ckpt: bool, model_dir: str, batches_file: str, steps: int
         "peak_train_mib": _status_mib("VmHWM") if hwm_reset else None,
         "peak_rss_mib": max(peak_load, _status_mib("VmHWM")),  # VmHWM: this process only (ru_maxrss
         # would include the parent's peak, which exec carries over)
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "device": device,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / MiB if device.startswith("cuda") else None,
     }
 
 
@@ -255,9 +274,9 @@ def worker(stack: str, ckpt: bool, model_dir: str, batches_file: str, steps: int
 
 
 def run_one(python: Path, stack: str, ckpt: bool, model_dir: Path, batches: Path, steps: int, warmup: int,
-            extra_env: dict | None = None) -> dict:
+            extra_env: dict | None = None, device: str = "cpu") -> dict:
     cmd = [str(python), __file__, "--worker", stack, "--ckpt", str(int(ckpt)), "--model-dir", str(model_dir),
-           "--batches", str(batches), "--steps", str(steps), "--warmup", str(warmup)]
+           "--batches", str(batches), "--steps", str(steps), "--warmup", str(warmup), "--device", device]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")} if stack.startswith("qlorafit") else dict(os.environ)
     env.update(extra_env or {})
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -278,6 +297,7 @@ def summarize(runs: list[dict], floors: dict) -> list[dict]:
                          "peak_train_mib": statistics.median(r["peak_train_mib"] or 0 for r in mine),
                          "rss_loaded_mib": statistics.median(r["rss_loaded_mib"] for r in mine),
                          "load_s": statistics.median(r["load_s"] for r in mine),
+                         "peak_gpu_mib": statistics.median(r.get("peak_gpu_mib") or 0 for r in mine),
                          "loss_first": mine[0]["losses"][0], "loss_last": mine[0]["losses"][-1]})
     by = {(r["stack"], r["ckpt"]): r for r in rows}
     for r in rows:
@@ -285,25 +305,30 @@ def summarize(runs: list[dict], floors: dict) -> list[dict]:
             peer = by[("peft-" + r["stack"].split("-")[1], r["ckpt"])]
             r["speed_vs_peer"] = r["tokens_per_s"] / peer["tokens_per_s"]
             r["rss_vs_peer"] = r["peak_rss_mib"] / peer["peak_rss_mib"]
+            if peer["peak_gpu_mib"]:
+                r["gpu_vs_peer"] = r["peak_gpu_mib"] / peer["peak_gpu_mib"]
     return rows
 
 
 def markdown(rows: list[dict], info: dict) -> str:
+    gpu = any(r["peak_gpu_mib"] for r in rows)
     lines = [
-        f"SmolLM2-135M-Instruct, batch {BATCH} x {SEQ} tokens, LoRA r={RANK} alpha={ALPHA:g} dropout={DROPOUT} on all "
+        f"Device {info.get('device', 'cpu')}. SmolLM2-135M-Instruct, batch {BATCH} x {SEQ} tokens, LoRA r={RANK} alpha={ALPHA:g} dropout={DROPOUT} on all "
         f"linear layers, AdamW; median of {info['steps']} steps after {info['warmup']} warm-up, {info['repeats']} "
         f"run(s) each. fp32 GEMM rate {info['gemm_gflops']:.0f} GFLOP/s; floor {info['floor_s'][True]:.2f} s/step "
         f"with checkpointing, {info['floor_s'][False]:.2f} s without.",
         "",
         "| stack | checkpointing | s/step | tokens/s | x floor | peak RSS MiB | train-phase peak MiB | RSS after load MiB "
-        "| speed vs peer | peak RSS vs peer |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| speed vs peer | peak RSS vs peer |" + (" peak GPU MiB | peak GPU vs peer |" if gpu else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if gpu else ""),
     ]
     for r in rows:
         vs = (f"{r['speed_vs_peer']:.2f}x", f"{r['rss_vs_peer']:.2f}x") if "speed_vs_peer" in r else ("", "")
+        extra = f" {r['peak_gpu_mib']:.0f} | {r['gpu_vs_peer']:.2f}x |" if "gpu_vs_peer" in r else (
+            f" {r['peak_gpu_mib']:.0f} | |" if gpu else "")
         lines.append(f"| {r['stack']} | {'on' if r['ckpt'] else 'off'} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} "
                      f"| {r['x_floor']:.2f} | {r['peak_rss_mib']:.0f} | {r['peak_train_mib']:.0f} "
-                     f"| {r['rss_loaded_mib']:.0f} | {vs[0]} | {vs[1]} |")
+                     f"| {r['rss_loaded_mib']:.0f} | {vs[0]} | {vs[1]} |" + extra)
     by = {(r["stack"], r["ckpt"]): r for r in rows}
     lines.append("")
     for ckpt in (True, False):
@@ -348,9 +373,11 @@ def main() -> None:
     parser.add_argument("--ckpt", type=int, default=0)
     parser.add_argument("--model-dir")
     parser.add_argument("--batches")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, bool(args.ckpt), args.model_dir, args.batches, args.steps, args.warmup)))
+        print(json.dumps(worker(args.worker, bool(args.ckpt), args.model_dir, args.batches, args.steps, args.warmup,
+                                args.device)))
         return
     stacks = args.stacks.split(",")
     work = OUT / "train"
@@ -358,28 +385,29 @@ def main() -> None:
     model_dir, batches = prepare(work, args.steps + args.warmup)
     peer_python = ensure_peer_venv() if any(s.startswith("peft") for s in stacks) else None
     config = json.loads((model_dir / "config.json").read_text())
-    rate = gemm_rate(config, BATCH * SEQ)
+    rate = gemm_rate(config, BATCH * SEQ, device=args.device)
     floors = {c: step_flops(config, BATCH * SEQ, SEQ, RANK, c) / (rate * 1e9) for c in (True, False)}
     runs = []
     for rep in range(args.repeats):
         for stack in stacks:
             for ckpt in (True, False):
                 python = Path(sys.executable) if stack.startswith("qlorafit") else peer_python
-                r = run_one(python, stack, ckpt, model_dir, batches, args.steps, args.warmup)
+                r = run_one(python, stack, ckpt, model_dir, batches, args.steps, args.warmup, device=args.device)
                 print(f"[{rep + 1}/{args.repeats}] {stack:15s} ckpt={'on ' if ckpt else 'off'} "
                       f"{statistics.median(r['step_s']):6.2f} s/step  peak RSS {r['peak_rss_mib']:6.0f} MiB  "
                       f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}", flush=True)
                 runs.append(r)
     info = {"date": time.strftime("%Y-%m-%d"), "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
             "gemm_gflops": rate, "floor_s": floors, "src": src_digest(), "cpu_count": os.cpu_count(),
-            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+            "command": " ".join([Path(sys.executable).name, *sys.argv]), "device": args.device}
+    name = "train" if args.device == "cpu" else f"train-{args.device.replace(':', '')}"
     if set(stacks) == set(STACKS):
         rows = summarize(runs, floors)
         table = markdown(rows, info)
-        (OUT / "train.md").write_text(table)
-        plot(rows, floors, OUT / "train.png")
+        (OUT / f"{name}.md").write_text(table)
+        plot(rows, floors, OUT / f"{name}.png")
         print("\n" + table)
-    (OUT / "train.json").write_text(json.dumps({"info": {**info, "floor_s": {str(k): v for k, v in floors.items()}},
+    (OUT / f"{name}.json").write_text(json.dumps({"info": {**info, "floor_s": {str(k): v for k, v in floors.items()}},
                                                 "runs": runs}, indent=1))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,21 @@ TINY_CONFIGS = {
     ),
     "gpt2": lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128),
 }
+
+
+def present_devices() -> list[str]:
+    """The devices that device-dependent tests run on: `QLORAFIT_TEST_DEVICES` (comma-separated)
+    when set, else the CPU and, when present, CUDA."""
+    chosen = os.environ.get("QLORAFIT_TEST_DEVICES")
+    if chosen:
+        return [d.strip() for d in chosen.split(",") if d.strip()]
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", present_devices())
 
 
 def build_tiny(arch: str, seed: int = 0) -> torch.nn.Module:

@@ -22,6 +22,7 @@ from .data.render import Example
 from .errors import DataError
 from .fileio import atomic_write
 from .generate import eval_mode, generate_batch, model_device, prompt_messages, reference
+from .quant.blockwise import dequant_workspace
 from .train.loss import causal_lm_loss
 
 
@@ -61,7 +62,7 @@ def eval_loss(model: nn.Module, examples: list[Example], batch_size: int = 4, pa
         raise DataError(f"batch_size must be at least 1, got {batch_size}")
     device = model_device(model)
     total, tokens = 0.0, 0
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), dequant_workspace(), torch.inference_mode():
         for start in range(0, len(examples), batch_size):
             batch = pad_batch(examples[start : start + batch_size], pad_id)
             loss_sum, count = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})

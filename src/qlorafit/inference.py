@@ -10,7 +10,7 @@ it (its `base_layer`), since it handles a float `nn.Linear` base as it is.
 The trade-off is memory: the float weights (4 bytes a weight in float32, 2 in bfloat16) live
 beside the 4-bit codes while the context is open. When they do not fit in the memory
 available (leaving a share for activations and the KV cache), nothing is swapped, and the
-model runs as it is, only slower.
+model runs as it is, only slower, its forward calls decoding into one shared `dequant_workspace`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quant.blockwise import dequant_workspace
 from .quant.linear4bit import Linear4bit
 from .sysmem import free_memory
 
@@ -90,8 +91,12 @@ def dequantized_for_inference(model: nn.Module, budget_bytes: int | None = None)
     sites = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if isinstance(child, Linear4bit)]
     unique = list({id(layer): layer for _, _, layer in sites}.values())
-    if not unique or not _fits(unique, budget_bytes):
+    if not unique:
         yield model
+        return
+    if not _fits(unique, budget_bytes):
+        with dequant_workspace():  # each forward decodes into one reused buffer instead
+            yield model
         return
     floats: dict[int, DequantizedLinear] = {}
     try:

@@ -7,7 +7,7 @@ import qlorafit
 import qlorafit.quant as quant
 
 PUBLIC = ["quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise", "QuantState",
-          "Linear4bit", "code_4bit", "dynamic_map", "unsigned_dynamic_map"]
+          "Linear4bit", "code_4bit", "dynamic_map", "unsigned_dynamic_map", "dequant_workspace"]
 
 
 def test_quant_exports_its_public_api():

@@ -74,14 +74,38 @@ def test_dtype_cast_of_module_leaves_codes_and_scales_alone():
 
 
 def test_reused_dequantization_buffer_works_in_and_out_of_inference_mode():
-    from torch import nn
+    from qlorafit.quant import dequant_workspace
 
-    from qlorafit.quant import blockwise
-
-    blockwise._SCRATCH.__dict__.pop("buffers", None)  # the buffer is created below, in inference mode
     layer = Linear4bit.from_linear(nn.Linear(64, 32))
     x = torch.randn(3, 64)
-    with torch.inference_mode():
-        first = layer(x).clone()
-    second = layer(x)  # the buffer made under inference mode must still be writable here
+    with dequant_workspace():
+        with torch.inference_mode():
+            first = layer(x).clone()  # the workspace's buffer is created here, in inference mode
+        second = layer(x)  # and must still be writable outside it
     assert torch.equal(first, second)
+
+
+def test_workspace_owns_the_transient_weights_and_frees_them_on_exit():
+    from qlorafit.quant import dequant_workspace
+
+    small, big = Linear4bit.from_linear(nn.Linear(64, 32)), Linear4bit.from_linear(nn.Linear(128, 96))
+    outside = [small.dequantize(reuse_buffer=True) for _ in range(2)]
+    assert outside[0].data_ptr() != outside[1].data_ptr()  # no hidden global buffer without a workspace
+    with dequant_workspace() as ws:
+        a = small.dequantize(reuse_buffer=True)
+        b = small.dequantize(reuse_buffer=True)
+        assert a.data_ptr() == b.data_ptr()  # one buffer reused
+        assert torch.equal(b, small.dequantize())  # same values as a fresh tensor
+        big.dequantize(reuse_buffer=True)
+        assert ws.nbytes == 96 * 128 * 4  # grown to the largest weight, the old buffer dropped
+        with dequant_workspace() as inner:
+            assert inner is ws  # nested blocks share the outer workspace
+        assert ws.nbytes == 96 * 128 * 4
+    assert ws.nbytes == 0  # released when the block ends
+
+
+def test_lookup_tables_are_made_once_per_device():
+    from qlorafit.quant.codebooks import pair_table_4bit, quad_table_4bit
+
+    assert quad_table_4bit("nf4", "cpu") is quad_table_4bit("nf4", torch.device("cpu"))
+    assert pair_table_4bit("fp4") is pair_table_4bit("fp4", "cpu")

@@ -14,7 +14,9 @@ the same bytes in both libraries.
 
 from __future__ import annotations
 
-import threading
+import contextlib
+import contextvars
+from collections.abc import Iterator
 
 import torch
 
@@ -153,9 +155,9 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     """Decode packed 4-bit codes to a tensor of `state.shape` in `dtype` (default `state.dtype`).
 
     Values are scaled per block in float32 and rounded once into `dtype`, like bitsandbytes.
-    With `reuse_buffer`, float32 output is written into a per-thread buffer that the next call
-    with `reuse_buffer` overwrites (no allocation, no page faults: for a weight that one matmul
-    consumes and drops).
+    With `reuse_buffer`, float32 output is written into the open `dequant_workspace`'s buffer,
+    which the next such call overwrites (no allocation, no page faults: for a weight that one
+    matmul consumes and drops); without an open workspace it is a new tensor.
     """
     dtype = dtype or state.dtype
     n = state.shape.numel()
@@ -165,25 +167,67 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
             f"{tuple(state.shape)} needs {n}"
         )
     scales = block_scales(state)
-    # Another dtype is rounded from float32 values: decode into a reused float32 scratch
-    # buffer (a fresh 4-byte-per-weight buffer costs more in page faults than the decode).
+    # Another dtype is rounded from float32 values: decode into the workspace's float32 buffer
+    # when one is open (a fresh 4-byte-per-weight buffer costs more in page faults than the decode).
     scratch = None if dtype == torch.float32 and not reuse_buffer else _scratch(packed.numel() * 2, packed.device)
     values = _decode_codes(packed, state.quant_type, scratch)[:n]
     _scale_blocks_(values, scales, state.blocksize)
     return values.view(state.shape).to(dtype)  # no copy for float32
 
 
-_SCRATCH = threading.local()
+class DequantWorkspace:
+    """The float32 buffers that dequantization writes into while a workspace is open.
+
+    One buffer per device, grown to the largest weight decoded so far and dropped when the
+    workspace closes; see `dequant_workspace`.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[torch.device, torch.Tensor] = {}
+
+    def buffer(self, numel: int, device: torch.device) -> torch.Tensor:
+        buf = self.buffers.get(device)
+        if buf is None or buf.numel() < numel:
+            self.buffers.pop(device, None)  # the old buffer goes before the bigger one is made
+            with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+                buf = self.buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
+        return buf
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
 
-def _scratch(numel: int, device: torch.device) -> torch.Tensor:
-    """A per-thread float32 buffer of at least `numel` elements on `device`, reused across calls."""
-    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    buf = buffers.get(device)
-    if buf is None or buf.numel() < numel:
-        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
-            buf = buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
-    return buf
+_WORKSPACE: contextvars.ContextVar[DequantWorkspace | None] = contextvars.ContextVar("qlorafit_dequant_workspace",
+                                                                                     default=None)
+
+
+@contextlib.contextmanager
+def dequant_workspace() -> Iterator[DequantWorkspace]:
+    """Reuse one float32 buffer for every transient dequantized weight inside the block.
+
+    Training and evaluation open one for their whole run: each forward and backward of a 4-bit
+    layer then decodes into the same memory instead of allocating (and page-faulting) a new
+    weight-sized tensor, and the memory is released when the block ends. Outside a workspace
+    every dequantization allocates its own tensor. Nested blocks share the outer workspace.
+    """
+    outer = _WORKSPACE.get()
+    if outer is not None:
+        yield outer
+        return
+    workspace = DequantWorkspace()
+    token = _WORKSPACE.set(workspace)
+    try:
+        yield workspace
+    finally:
+        _WORKSPACE.reset(token)
+        workspace.buffers.clear()
+
+
+def _scratch(numel: int, device: torch.device) -> torch.Tensor | None:
+    """The open workspace's float32 buffer of at least `numel` elements on `device`, or None."""
+    workspace = _WORKSPACE.get()
+    return None if workspace is None else workspace.buffer(numel, device)
 
 
 _LUT_SIZE = 65536
@@ -201,17 +245,18 @@ def _nearest_code_table(code: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(midpoints, grid, right=False).to(torch.uint8)
 
 
-_TABLES: dict[bytes, torch.Tensor] = {}
+_TABLES: dict[tuple[bytes, torch.device], torch.Tensor] = {}
 
 
-def _code_table(code: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The code book (the dynamic map by default) and its nearest-code table, cached per code book."""
+def _code_table(code: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The code book (the dynamic map by default) and its nearest-code table on `device`, cached
+    per code book and device (the optimizer's 8-bit states quantize with it every step)."""
     code = dynamic_map() if code is None else code.float().cpu()
     if code.numel() != 256:
         raise QuantizationError(f"an 8-bit code book needs 256 sorted values, got {code.numel()}")
-    key = code.numpy().tobytes()
+    key = (code.numpy().tobytes(), device)
     if key not in _TABLES:
-        _TABLES[key] = _nearest_code_table(code)
+        _TABLES[key] = _nearest_code_table(code).to(device)
     return code, _TABLES[key]
 
 
@@ -227,7 +272,7 @@ def quantize_blockwise(
     _check_float(x, "quantize_blockwise")
     if blocksize <= 0:
         raise QuantizationError(f"blocksize must be positive, got {blocksize}")
-    code, table = _code_table(code)
+    code, table = _code_table(code, x.device)
     flat = x.detach().reshape(-1).float()
     blocks, tail = _split_blocks(flat, blocksize)
     absmax = blocks.abs().amax(dim=1)
@@ -239,7 +284,7 @@ def quantize_blockwise(
     # An all-zero block gives 0 * inf = nan here; bitsandbytes stores code 0 for it.
     scaled = torch.nan_to_num(scaled.view(-1), nan=-1.0).clamp_(-1.0, 1.0)
     grid = ((scaled + 1.0) * 0.5 * (_LUT_SIZE - 1) + 0.5).to(torch.int32)
-    idx = table.to(x.device)[grid]
+    idx = table[grid]
     state = QuantState(absmax=absmax, code=code.to(x.device, copy=True), blocksize=blocksize, dtype=x.dtype)
     return idx.view(x.shape), state
 

@@ -119,9 +119,17 @@ def _pair_table_cpu(quant_type: str) -> torch.Tensor:
     return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).contiguous()
 
 
+@functools.cache
+def _device_table(kind: str, quant_type: str, device: torch.device) -> torch.Tensor:
+    # Lookup tables live once per device for the process (1 MiB for the quad table), never
+    # copied again on each call.
+    table = _quad_table_cpu(quant_type) if kind == "quad" else _pair_table_cpu(quant_type)
+    return table.to(device)
+
+
 def pair_table_4bit(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """A (256, 2) table giving both code values of every packed byte (high nibble first)."""
-    return _pair_table_cpu(quant_type).to(device)
+    return _device_table("pair", quant_type, torch.device(device))
 
 
 @functools.cache
@@ -135,4 +143,4 @@ def _quad_table_cpu(quant_type: str) -> torch.Tensor:
 
 def quad_table_4bit(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """A (65536, 4) table giving the four code values of every pair of packed bytes (1 MiB)."""
-    return _quad_table_cpu(quant_type).to(device)
+    return _device_table("quad", quant_type, torch.device(device))

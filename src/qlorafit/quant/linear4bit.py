@@ -87,8 +87,8 @@ class Linear4bit(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None, reuse_buffer: bool = False) -> torch.Tensor:
         """The (out, in) weight in `dtype` (default: the compute dtype).
 
-        With `reuse_buffer` a float32 result lives in a per-thread buffer that the next such
-        call overwrites: for a weight consumed by one matmul and then dropped.
+        With `reuse_buffer` a float32 result lives in the open `dequant_workspace`'s buffer,
+        which the next such call overwrites: for a weight consumed by one matmul and then dropped.
         """
         return dequantize_4bit(self.weight, self.quant_state, dtype or self.compute_dtype, reuse_buffer=reuse_buffer)
 

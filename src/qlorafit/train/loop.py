@@ -28,6 +28,7 @@ from ..errors import TrainingError, TrainingInterrupted
 from ..evaluate import eval_loss
 from ..fileio import atomic_write
 from ..lora.layer import keep_base_outputs, release_kept_outputs
+from ..quant.blockwise import dequant_workspace
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .loss import IGNORE, causal_lm_loss
 from .optim import AdamW
@@ -196,7 +197,7 @@ def train(model: nn.Module, train_data: Dataset, eval_data: Dataset | None, cfg:
     """Train the model's trainable (LoRA) parameters; returns the last eval metrics (or {})."""
     optimizer = make_optimizer(model, cfg, run.output_dir)
     try:
-        with _StopSignals() as stop:
+        with _StopSignals() as stop, dequant_workspace():
             return _train(model, optimizer, train_data, eval_data, cfg, run, resume, stop)
     finally:
         if hasattr(optimizer, "close"):
