@@ -239,3 +239,64 @@ def logits(model: Path, token_ids: list[int]) -> np.ndarray:
             if context != ffi.NULL:
                 lib.llama_free(context)
             lib.llama_model_free(handle)
+
+
+def _load_vocab_only(lib: Any, ffi: Any, model: Path) -> Any:
+    """Load only the vocabulary of the GGUF file `model` (no weights); the caller frees the handle."""
+    params = lib.llama_model_default_params()
+    params.n_gpu_layers = 0
+    params.vocab_only = True
+    handle = lib.llama_model_load_from_file(str(model).encode(), params)
+    if handle == ffi.NULL:
+        raise RuntimeError(f"llama.cpp could not load the vocabulary of {model}{_log_tail()}")
+    return handle
+
+
+def tokenize(model: Path, text: str, add_special: bool, parse_special: bool) -> list[int]:
+    """The token ids llama.cpp's ``llama_tokenize`` gives `text` with the tokenizer of the GGUF file `model`.
+
+    `add_special` adds the file's bos/eos as its ``tokenizer.ggml.add_bos_token``/``add_eos_token``
+    say; `parse_special` matches control tokens written in the text (``<|im_end|>``) as themselves,
+    as a chat template's rendered text needs. Only the vocabulary is loaded. Raises RuntimeError
+    when llama.cpp cannot load the file or tokenize.
+    """
+    ffi, lib = _library()
+    data = text.encode("utf-8")
+    with _lock:
+        _log.clear()
+        handle = _load_vocab_only(lib, ffi, model)
+        try:
+            vocab = lib.llama_model_get_vocab(handle)
+            capacity = len(data) + 8  # at most one token per byte, plus bos/eos
+            tokens = ffi.new("int32_t[]", capacity)
+            count = lib.llama_tokenize(vocab, data, len(data), tokens, capacity, add_special, parse_special)
+            if count < 0:
+                raise RuntimeError(f"llama_tokenize on {model} needed {-count} tokens, more than {capacity}{_log_tail()}")
+            return [tokens[i] for i in range(count)]
+        finally:
+            lib.llama_model_free(handle)
+
+
+def special_tokens(model: Path) -> dict[str, Any]:
+    """The GGUF file `model`'s special tokens as llama.cpp reads them.
+
+    ``bos``, ``eos``, ``eot`` (ids, -1 for none), ``add_bos``, ``add_eos`` (bools) and ``eog``: the
+    sorted ids at which llama.cpp ends generation (``llama_vocab_is_eog``).
+    """
+    ffi, lib = _library()
+    with _lock:
+        _log.clear()
+        handle = _load_vocab_only(lib, ffi, model)
+        try:
+            vocab = lib.llama_model_get_vocab(handle)
+            n_vocab = lib.llama_vocab_n_tokens(vocab)
+            return {
+                "bos": lib.llama_vocab_bos(vocab),
+                "eos": lib.llama_vocab_eos(vocab),
+                "eot": lib.llama_vocab_eot(vocab),
+                "add_bos": bool(lib.llama_vocab_get_add_bos(vocab)),
+                "add_eos": bool(lib.llama_vocab_get_add_eos(vocab)),
+                "eog": [i for i in range(n_vocab) if lib.llama_vocab_is_eog(vocab, i)],
+            }
+        finally:
+            lib.llama_model_free(handle)

@@ -8,6 +8,7 @@ converter writes them; `write_tiny_llama_gguf` returns the Hugging Face (unpermu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -83,13 +84,44 @@ def write_tiny_llama_gguf(
     kv_heads: int = 2,
     intermediate: int = 512,
 ) -> dict[str, np.ndarray]:
-    """Write a random llama model to `path` as an all-F32 GGUF file.
+    """Write a random llama model with the tiny byte-level BPE tokenizer to `path` as an all-F32 GGUF file.
 
     Returns the float32 weights it wrote under Hugging Face LlamaForCausalLM names and layouts
     (``model.embed_tokens.weight``, ``model.layers.N.self_attn.q_proj.weight``, ...,
     ``lm_head.weight``; untied embeddings), with Q and K in HF's rotary order. K-quant types need
     `hidden` and `intermediate` to be multiples of 256, the other block types multiples of 32.
     """
+    return write_tiny_llama_model(
+        path, rng, VOCAB_SIZE, add_tiny_tokenizer,
+        hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
+    )  # fmt: skip
+
+
+def add_tiny_tokenizer(writer: gguf.GGUFWriter) -> None:
+    """The tiny byte-level BPE tokenizer's keys (`tokenizer_tokens`, `MERGES`, control tokens)."""
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokenizer_tokens())
+    writer.add_token_types([int(gguf.TokenType.NORMAL)] * (VOCAB_SIZE - len(SPECIAL_TOKENS))
+                           + [int(gguf.TokenType.CONTROL)] * len(SPECIAL_TOKENS))
+    writer.add_token_merges(list(MERGES))
+    writer.add_bos_token_id(EOS_TOKEN_ID)
+    writer.add_eos_token_id(EOS_TOKEN_ID)
+    writer.add_add_bos_token(False)
+
+
+def write_tiny_llama_model(
+    path: Path,
+    rng: np.random.Generator,
+    vocab_size: int,
+    add_tokenizer: Callable[[gguf.GGUFWriter], None],
+    hidden: int = 256,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 512,
+) -> dict[str, np.ndarray]:
+    """`write_tiny_llama_gguf` with `vocab_size` embedding rows and the tokenizer keys `add_tokenizer` writes."""
     if hidden % heads or heads % kv_heads or (hidden // heads) % 2:
         raise ValueError(f"bad shape: hidden={hidden}, heads={heads}, kv_heads={kv_heads}")
     head_dim = hidden // heads
@@ -101,7 +133,7 @@ def write_tiny_llama_gguf(
     def norm(size: int) -> np.ndarray:
         return (1.0 + 0.1 * rng.standard_normal(size)).astype(np.float32)
 
-    weights: dict[str, np.ndarray] = {"model.embed_tokens.weight": linear(VOCAB_SIZE, hidden)}
+    weights: dict[str, np.ndarray] = {"model.embed_tokens.weight": linear(vocab_size, hidden)}
     tensors: dict[str, np.ndarray] = {"token_embd.weight": weights["model.embed_tokens.weight"]}
     for n in range(layers):
         layer = {
@@ -123,7 +155,7 @@ def write_tiny_llama_gguf(
                 array = permute_rotary(array, kv_heads)
             tensors[f"blk.{n}.{name}"] = array
     weights["model.norm.weight"] = tensors["output_norm.weight"] = norm(hidden)
-    weights["lm_head.weight"] = tensors["output.weight"] = linear(VOCAB_SIZE, hidden)
+    weights["lm_head.weight"] = tensors["output.weight"] = linear(vocab_size, hidden)
 
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-llama")
@@ -137,16 +169,8 @@ def write_tiny_llama_gguf(
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(ROPE_THETA)
     writer.add_layer_norm_rms_eps(RMS_EPS)
-    writer.add_vocab_size(VOCAB_SIZE)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokenizer_tokens())
-    writer.add_token_types([int(gguf.TokenType.NORMAL)] * (VOCAB_SIZE - len(SPECIAL_TOKENS))
-                           + [int(gguf.TokenType.CONTROL)] * len(SPECIAL_TOKENS))
-    writer.add_token_merges(list(MERGES))
-    writer.add_bos_token_id(EOS_TOKEN_ID)
-    writer.add_eos_token_id(EOS_TOKEN_ID)
-    writer.add_add_bos_token(False)
+    writer.add_vocab_size(vocab_size)
+    add_tokenizer(writer)
     finish_gguf(writer, [(name, array, gguf.GGMLQuantizationType.F32) for name, array in tensors.items()])
     return weights
 
