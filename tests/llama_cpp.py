@@ -176,12 +176,14 @@ def quantize(src: Path, dst: Path, ftype: str, *, pure: bool = False) -> None:
             raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {ftype}) returned {code}{_log_tail()}")
 
 
-def logits(model: Path, token_ids: list[int]) -> np.ndarray:
+def logits(model: Path, token_ids: list[int], lora: Path | None = None, lora_scale: float = 1.0) -> np.ndarray:
     """Run the GGUF file `model` on `token_ids` (one sequence from position 0) with llama.cpp on the CPU.
 
     Returns float32 logits of shape (len(token_ids), n_vocab): row i is the prediction after
     token i. Uses 2 threads, one batch of all tokens, a context just large enough, and an F32
-    KV cache (llama.cpp's default F16 cache would round K and V). Raises ValueError for an empty
+    KV cache (llama.cpp's default F16 cache would round K and V). `lora` is a LoRA adapter GGUF file
+    applied with `lora_scale` (llama.cpp's `llama_adapter_lora_init` + `llama_set_adapter_lora`,
+    what `llama-cli --lora` does). Raises ValueError for an empty
     list or an id outside the vocabulary, RuntimeError when llama.cpp reports a failure.
     """
     n_tokens = len(token_ids)
@@ -215,6 +217,13 @@ def logits(model: Path, token_ids: list[int]) -> np.ndarray:
             context = lib.llama_init_from_model(handle, context_params)
             if context == ffi.NULL:
                 raise RuntimeError(f"llama.cpp could not make a context for {model}{_log_tail()}")
+            if lora is not None:
+                adapter = lib.llama_adapter_lora_init(handle, str(lora).encode())
+                if adapter == ffi.NULL:
+                    raise RuntimeError(f"llama.cpp could not load the LoRA adapter {lora}{_log_tail()}")
+                code = lib.llama_set_adapter_lora(context, adapter, lora_scale)
+                if code != 0:
+                    raise RuntimeError(f"llama_set_adapter_lora({lora}) returned {code}{_log_tail()}")
             batch = lib.llama_batch_init(n_tokens, 0, 1)
             for i, token in enumerate(token_ids):
                 batch.token[i] = token

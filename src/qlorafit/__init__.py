@@ -12,7 +12,10 @@ from .errors import (
     TrainingError,
     TrainingInterrupted,
 )
+from .export.gguf import export_gguf
+from .export.gguf_lora import export_lora_gguf
 from .export.merged import save_merged
+from .export.ollama import write_modelfile
 from .export.quantized import save_quantized
 from .lora.inject import LoraConfig, add_lora, lora_summary, parameter_counts
 from .lora.layer import LoraLinear
@@ -43,6 +46,8 @@ __all__ = [
     "add_lora",
     "dequantize_4bit",
     "dequantize_blockwise",
+    "export_gguf",
+    "export_lora_gguf",
     "load_adapter",
     "load_model",
     "lora_summary",
@@ -53,4 +58,5 @@ __all__ = [
     "save_adapter",
     "save_merged",
     "save_quantized",
+    "write_modelfile",
 ]

@@ -162,6 +162,61 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged model written to {out}")
 
 
+def _run_quant(adapter: str | None) -> str:
+    """The base quantization the adapter was trained on: its run's config.yaml, else none (float)."""
+    if adapter:
+        run_config = Path(adapter).parent / "config.yaml"
+        if run_config.is_file():
+            import yaml
+
+            try:
+                quant = (yaml.safe_load(run_config.read_text()) or {}).get("quant", {})
+            except yaml.YAMLError:
+                return "none"
+            if isinstance(quant, dict) and quant.get("type") in ("nf4", "fp4", "none"):
+                return quant["type"]
+    return "none"
+
+
+def _export(args: argparse.Namespace) -> None:
+    from . import load_adapter, load_model
+    from .export.gguf import export_gguf
+    from .export.gguf_lora import export_lora_gguf
+
+    if args.lora_only and not args.adapter:
+        raise QlorafitError("--lora-only writes an adapter file: give the adapter folder with --adapter")
+    quant = _run_quant(args.adapter) if args.quant == "auto" else args.quant
+    model, tokenizer = load_model(args.model, quant=quant, allow_pickle=args.allow_pickle,
+                                  trust_remote_code=args.trust_remote_code)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+        if (Path(args.adapter) / "tokenizer_config.json").is_file():  # the run saves the tokenizer it trained with
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.adapter)
+    template = args.chat_template
+    if template is not None and Path(template).is_file():
+        template = Path(template).read_text()
+    if args.lora_only:
+        out = export_lora_gguf(model, args.out, args.type or "f16")
+        print(f"LoRA adapter written to {out} (apply with: llama-cli -m <base model GGUF> --lora {out})")
+    else:
+        out = export_gguf(model, tokenizer, args.out, args.type or "q8_0", chat_template=template)
+        print(f"model written to {out}")
+    if args.ollama:
+        from .export.ollama import write_modelfile
+
+        if args.lora_only:
+            if not str(args.model).endswith(".gguf"):
+                raise QlorafitError("an Ollama Modelfile with an adapter needs the base model as a GGUF file: "
+                                    "give --model <base>.gguf, or export the merged model without --lora-only")
+            modelfile = write_modelfile(Path(args.ollama), Path(args.model), tokenizer, chat_template=template,
+                                        system=args.system, adapter_file=out)
+        else:
+            modelfile = write_modelfile(Path(args.ollama), out, tokenizer, chat_template=template, system=args.system)
+        print(f"Ollama Modelfile written to {modelfile} (then: ollama create <name> -f {modelfile})")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -269,6 +324,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_args(merge)
     merge.set_defaults(func=_merge)
 
+    ex = sub.add_parser("export", help="write the model (or only its LoRA adapter) as GGUF for llama.cpp and Ollama")
+    ex.add_argument("--model", required=True, help=MODEL_HELP)
+    ex.add_argument("--adapter", help="adapter folder in PEFT layout (merged into the model unless --lora-only)")
+    ex.add_argument("--out", required=True, help="the GGUF file to write")
+    ex.add_argument("--type", default=None,
+                    help="model: f32, f16, bf16, q8_0 (default), q4_0, q4_k_m; adapter: f32, f16 (default), bf16")
+    ex.add_argument("--lora-only", action="store_true", help="write only the adapter, as a llama.cpp LoRA GGUF")
+    ex.add_argument("--quant", default="auto", choices=["auto", "none", "nf4", "fp4"],
+                    help="how the base is held before merging; auto: as the adapter's run trained it (its "
+                         "config.yaml), else full precision")
+    ex.add_argument("--chat-template", help="chat template (a Jinja string or a file) to write instead of the "
+                                            "tokenizer's (default: the one the run trained with)")
+    ex.add_argument("--ollama", metavar="DIR", help="also write an Ollama Modelfile into DIR")
+    ex.add_argument("--system", help="system prompt for the Ollama Modelfile")
+    _add_trust_args(ex)
+    ex.set_defaults(func=_export)
+
     pl = sub.add_parser("plan", help="predict a run's memory (weights, adapters, optimizer, activations) and whether it fits")
     which = pl.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help=MODEL_HELP + " (only its config is read)")
@@ -290,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands that run a model: worth a restart under a better allocator
-_HEAVY = {"train", "eval", "generate", "merge", "demo"}
+_HEAVY = {"train", "eval", "generate", "merge", "export", "demo"}
 
 
 def main(argv: list[str] | None = None) -> int:
