@@ -185,6 +185,9 @@ def _export(args: argparse.Namespace) -> None:
 
     if args.lora_only and not args.adapter:
         raise QlorafitError("--lora-only writes an adapter file: give the adapter folder with --adapter")
+    if args.lora_only and args.ollama and not str(args.model).endswith(".gguf"):
+        raise QlorafitError("an Ollama Modelfile with an adapter needs the base model as a GGUF file: "
+                            "give --model <base>.gguf, or export the merged model without --lora-only")
     quant = _run_quant(args.adapter) if args.quant == "auto" else args.quant
     model, tokenizer = load_model(args.model, quant=quant, allow_pickle=args.allow_pickle,
                                   trust_remote_code=args.trust_remote_code)
@@ -207,9 +210,6 @@ def _export(args: argparse.Namespace) -> None:
         from .export.ollama import write_modelfile
 
         if args.lora_only:
-            if not str(args.model).endswith(".gguf"):
-                raise QlorafitError("an Ollama Modelfile with an adapter needs the base model as a GGUF file: "
-                                    "give --model <base>.gguf, or export the merged model without --lora-only")
             modelfile = write_modelfile(Path(args.ollama), Path(args.model), tokenizer, chat_template=template,
                                         system=args.system, adapter_file=out)
         else:

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from ..fileio import atomic_write
 from ..generate import END_OF_TURN_TOKENS
+from .files import write_file
 from .gguf_layout import Layout
 from .gguf_vocab import add_tokenizer
 from .kquants import FILE_TYPES, quantize_tensor, tensor_types
@@ -295,6 +295,6 @@ def export_gguf(
         writer.close()
 
     with torch.no_grad():
-        atomic_write(path, write)
+        write_file(path, write)
     log.info("wrote %s (%s, %d tensors)", path, file_type, len(shapes))
     return path

@@ -155,3 +155,4 @@ class Layout:
         else:
             part = {"down_proj": "down", "gate_proj": "gate", "up_proj": "up"}[suffix]
             yield f"blk.{layer}.ffn_{part}_exps.weight", np.ascontiguousarray(array)
+

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from ..fileio import atomic_write
 from ..lora.layer import LoraLinear
+from .files import write_file
 from .gguf_layout import Layout
 from .kquants import quantize_tensor
 
@@ -109,6 +109,6 @@ def export_lora_gguf(model: nn.Module, path: str | os.PathLike, type: str = "f16
         writer.write_tensors_to_file()
         writer.close()
 
-    atomic_write(path, write)
+    write_file(path, write)
     log.info("wrote %s (LoRA adapter, %d tensors, alpha %g)", path, len(tensors), alpha)
     return path

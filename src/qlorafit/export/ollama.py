@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from ..errors import ExportError
-from ..fileio import atomic_write
+from .files import write_file
 from .ollama_template import derive_pieces, effective_chat_template, go_template
 
 _NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -67,7 +67,7 @@ def write_modelfile(
     if system_line is not None:
         lines.append(system_line)
     text = "\n".join(lines) + "\n"
-    return atomic_write(folder / "Modelfile", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return write_file(folder / "Modelfile", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _adds_bos(tokenizer) -> bool:

@@ -1,0 +1,19 @@
+"""Writing an export file: atomically, and with an ExportError a user can act on when it fails."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import ExportError
+from ..fileio import atomic_write
+
+
+def write_file(path: Path, write: Callable[[Path], object]) -> Path:
+    """`atomic_write` for an export: an unwritable path or a full disk is an ExportError naming the
+    path, and no partial file is left behind (the temporary file is removed)."""
+    try:
+        return atomic_write(path, write)
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot write the file ({exc.strerror or exc}); choose a path in a folder you "
+                          "can write to, with enough free space") from exc
