@@ -237,6 +237,8 @@ def _demo(args: argparse.Namespace) -> None:
           f"after {result['after']:.0%}  ({minutes:.1f} min)")
     print(f"loss curve: {result['plot']}\nadapter: {result['adapter']}\n"
           f"predictions: {Path(args.out) / 'predictions-after.jsonl'}")
+    print(f"run it in llama.cpp or Ollama: qlorafit export --model smollm2-135m-instruct --adapter {result['adapter']} "
+          f"--out {Path(args.out) / 'smollm2-demo-q8_0.gguf'} --ollama {Path(args.out) / 'ollama'}")
 
 
 def _plan(args: argparse.Namespace) -> None:

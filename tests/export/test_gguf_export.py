@@ -57,6 +57,11 @@ GEMMA = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=4, num_hidden
 # family -> transformers config; the llama.cpp architecture comes from the exporter
 FAMILIES = {
     "llama": lambda: transformers.LlamaConfig(**SIZES, **ATTN, tie_word_embeddings=True),
+    "llama3_rope": lambda: transformers.LlamaConfig(**SIZES, **ATTN, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}),
+    "llama_linear_rope": lambda: transformers.LlamaConfig(**SIZES, **ATTN, rope_parameters={
+        "rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
     "llama_bias": lambda: transformers.LlamaConfig(**SIZES, **ATTN, attention_bias=True, tie_word_embeddings=False),
     "mistral": lambda: transformers.MistralConfig(**SIZES, **ATTN, sliding_window=None, tie_word_embeddings=False),
     "qwen2": lambda: transformers.Qwen2Config(**SIZES, **ATTN, tie_word_embeddings=False),

@@ -133,6 +133,10 @@ def write_metadata(writer: gguf.GGUFWriter, config, layout: Layout) -> None:
             writer.add_expert_shared_feed_forward_length(int(config.shared_expert_intermediate_size))
     if arch in ("gemma2", "gemma3") and getattr(config, "sliding_window", None):
         writer.add_sliding_window(int(config.sliding_window))
+    window = getattr(config, "sliding_window", None)
+    if arch == "llama" and window and window < int(_get(config, "max_position_embeddings", default=0)):
+        log.warning("the model attends within a sliding window of %d tokens, which llama.cpp's llama architecture "
+                    "does not apply: its outputs differ beyond %d tokens of context", window, window)
     if arch == "phi3":  # llama.cpp requires the key; no window is one as long as the context
         writer.add_sliding_window(int(getattr(config, "sliding_window", None) or config.max_position_embeddings))
     if arch == "gemma2":
