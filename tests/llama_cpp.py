@@ -309,3 +309,148 @@ def special_tokens(model: Path) -> dict[str, Any]:
             }
         finally:
             lib.llama_model_free(handle)
+
+
+def _generation_context(lib: Any, ffi: Any, handle: Any, model: Path, n_ctx: int, n_batch: int) -> Any:
+    """A one-sequence CPU context of `n_ctx` positions with an F32 KV cache, as `logits` makes it."""
+    params = lib.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = n_batch
+    params.n_ubatch = n_batch
+    params.n_seq_max = 1
+    params.n_threads = N_THREADS
+    params.n_threads_batch = N_THREADS
+    params.type_k = lib.GGML_TYPE_F32
+    params.type_v = lib.GGML_TYPE_F32
+    params.no_perf = True
+    context = lib.llama_init_from_model(handle, params)
+    if context == ffi.NULL:
+        raise RuntimeError(f"llama.cpp could not make a context for {model}{_log_tail()}")
+    return context
+
+
+def _decode_next(lib: Any, ffi: Any, context: Any, batch: Any, tokens: list[int], start: int, n_vocab: int,
+                 model: Path) -> int:
+    """Decode `tokens` at positions `start`... (logits for the last only); the argmax of those logits."""
+    for i, token in enumerate(tokens):
+        batch.token[i] = token
+        batch.pos[i] = start + i
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = i == len(tokens) - 1
+    batch.n_tokens = len(tokens)
+    code = lib.llama_decode(context, batch)
+    if code != 0:
+        raise RuntimeError(f"llama_decode on {model} at position {start} returned {code}{_log_tail()}")
+    row = lib.llama_get_logits_ith(context, len(tokens) - 1)
+    if row == ffi.NULL:
+        raise RuntimeError(f"llama.cpp gave no logits at position {start + len(tokens) - 1}{_log_tail()}")
+    return int(np.frombuffer(ffi.buffer(row, n_vocab * 4), dtype=np.float32).argmax())
+
+
+def greedy(model: Path, token_ids: list[int], max_new_tokens: int, stop_ids: set[int] | None = None,
+           lora: Path | None = None) -> list[int]:
+    """llama.cpp's greedy continuation of `token_ids` with the GGUF file `model` on the CPU.
+
+    One context (prompt plus `max_new_tokens` positions, F32 KV cache, 2 threads, as `logits`): the
+    prompt is decoded in one batch, then each chosen token alone with the KV cache; each step takes
+    the argmax of the logits (the first on a tie, as torch does). Generation ends after
+    `max_new_tokens` tokens or at a token of `stop_ids` (default: the ids llama.cpp ends generation
+    at, ``llama_vocab_is_eog``), which is not returned, as in ``qlorafit.generate.greedy_batch``.
+    `lora` is a LoRA adapter GGUF file applied at scale 1. Raises ValueError for an empty prompt or
+    an id outside the vocabulary, RuntimeError when llama.cpp reports a failure.
+    """
+    n_prompt = len(token_ids)
+    if n_prompt == 0:
+        raise ValueError("token_ids is empty")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+    if max_new_tokens == 0:
+        return []
+    ffi, lib = _library()
+    with _lock:
+        _log.clear()
+        model_params = lib.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        handle = lib.llama_model_load_from_file(str(model).encode(), model_params)
+        if handle == ffi.NULL:
+            raise RuntimeError(f"llama.cpp could not load {model}{_log_tail()}")
+        context = ffi.NULL
+        adapter = ffi.NULL
+        batch = None
+        try:
+            vocab = lib.llama_model_get_vocab(handle)
+            n_vocab = lib.llama_vocab_n_tokens(vocab)
+            bad = [t for t in token_ids if not 0 <= t < n_vocab]
+            if bad:
+                raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {n_vocab} in {model}")
+            if stop_ids is None:
+                stop_ids = {i for i in range(n_vocab) if lib.llama_vocab_is_eog(vocab, i)}
+            context = _generation_context(lib, ffi, handle, model, n_prompt + max_new_tokens, n_prompt)
+            if lora is not None:
+                adapter = lib.llama_adapter_lora_init(handle, str(lora).encode())
+                if adapter == ffi.NULL:
+                    raise RuntimeError(f"llama.cpp could not load the LoRA adapter {lora}{_log_tail()}")
+                code = lib.llama_set_adapter_lora(context, adapter, 1.0)
+                if code != 0:
+                    raise RuntimeError(f"llama_set_adapter_lora({lora}) returned {code}{_log_tail()}")
+            batch = lib.llama_batch_init(n_prompt, 0, 1)
+            out: list[int] = []
+            token = _decode_next(lib, ffi, context, batch, list(token_ids), 0, n_vocab, model)
+            while token not in stop_ids:
+                out.append(token)
+                if len(out) == max_new_tokens:
+                    break
+                token = _decode_next(lib, ffi, context, batch, [token], n_prompt + len(out) - 1, n_vocab, model)
+            return out
+        finally:
+            if batch is not None:
+                lib.llama_batch_free(batch)
+            if context != ffi.NULL:
+                lib.llama_free(context)
+            if adapter != ffi.NULL:
+                lib.llama_adapter_lora_free(adapter)
+            lib.llama_model_free(handle)
+
+
+def chat_template_prompt(model: Path, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The prompt text llama.cpp renders for `messages` from the chat template in the GGUF file `model`.
+
+    The template is the file's ``tokenizer.chat_template`` (``llama_model_chat_template(model,
+    NULL)``), rendered by ``llama_chat_apply_template``: what llama-cli and llama-server do without
+    ``--jinja``. That function runs no Jinja: it recognises the template among llama.cpp's built-in
+    formats (ChatML by its ``<|im_start|>``, ...) and writes that format itself. `messages` are
+    ``{"role": ..., "content": ...}`` dicts. Only the vocabulary is loaded. Raises RuntimeError when
+    the file has no chat template or llama.cpp does not recognise it.
+    """
+    ffi, lib = _library()
+    # keep the C strings alive for the whole call
+    roles = [ffi.new("char[]", str(m["role"]).encode("utf-8")) for m in messages]
+    contents = [ffi.new("char[]", str(m["content"]).encode("utf-8")) for m in messages]
+    chat = ffi.new("struct llama_chat_message[]", max(len(messages), 1))
+    for i, (role, content) in enumerate(zip(roles, contents, strict=True)):
+        chat[i].role = role
+        chat[i].content = content
+    with _lock:
+        _log.clear()
+        handle = _load_vocab_only(lib, ffi, model)
+        try:
+            template = lib.llama_model_chat_template(handle, ffi.NULL)
+            if template == ffi.NULL:
+                raise RuntimeError(f"{model} has no chat template (tokenizer.chat_template){_log_tail()}")
+            capacity = 1024 + 2 * sum(len(ffi.string(c)) for c in contents)
+            for _ in range(2):
+                buffer = ffi.new("char[]", capacity)
+                length = lib.llama_chat_apply_template(template, chat, len(messages), add_generation_prompt,
+                                                       buffer, capacity)
+                if length < 0:
+                    raise RuntimeError(
+                        f"llama_chat_apply_template does not know the chat template of {model} (returned {length}): "
+                        f"{ffi.string(template).decode('utf-8', 'replace')[:200]!r}{_log_tail()}"
+                    )
+                if length <= capacity:
+                    return ffi.unpack(buffer, length).decode("utf-8")
+                capacity = length  # too small: the return value is the length needed
+            raise RuntimeError(f"llama_chat_apply_template on {model} kept asking for a larger buffer")
+        finally:
+            lib.llama_model_free(handle)
