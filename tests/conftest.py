@@ -136,3 +136,13 @@ def write_chat_jsonl(path: Path, n: int, seed: int = 0) -> Path:
             w = rng.choice(words)
             f.write(json.dumps({"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": w[::-1]}]}) + "\n")
     return path
+
+
+def randomize_lora_b(model: torch.nn.Module, std: float = 0.1, seed: int | None = None) -> None:
+    """Give every LoRA B matrix normal(0, std) values (B starts at zero), so an adapter changes the outputs."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)

@@ -204,19 +204,7 @@ def logits(model: Path, token_ids: list[int], lora: Path | None = None, lora_sca
             bad = [t for t in token_ids if not 0 <= t < n_vocab]
             if bad:
                 raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {n_vocab} in {model}")
-            context_params = lib.llama_context_default_params()
-            context_params.n_ctx = n_tokens
-            context_params.n_batch = n_tokens
-            context_params.n_ubatch = n_tokens
-            context_params.n_seq_max = 1
-            context_params.n_threads = N_THREADS
-            context_params.n_threads_batch = N_THREADS
-            context_params.type_k = lib.GGML_TYPE_F32
-            context_params.type_v = lib.GGML_TYPE_F32
-            context_params.no_perf = True
-            context = lib.llama_init_from_model(handle, context_params)
-            if context == ffi.NULL:
-                raise RuntimeError(f"llama.cpp could not make a context for {model}{_log_tail()}")
+            context = _generation_context(lib, ffi, handle, model, n_tokens, n_tokens)
             if lora is not None:
                 adapter = lib.llama_adapter_lora_init(handle, str(lora).encode())
                 if adapter == ffi.NULL:

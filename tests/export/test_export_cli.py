@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 import transformers
 
 import qlorafit
 from qlorafit.cli import main
 
+from ..conftest import randomize_lora_b
 from .test_gguf_export import IDS, _folder, _ours, llama_cpp
 
 
@@ -15,11 +15,7 @@ def _trained_adapter(model_dir, out, quant="nf4"):
     """An adapter folder as a run leaves it: PEFT files, the tokenizer, the run's config.yaml beside it."""
     model, tokenizer = qlorafit.load_model(model_dir, quant=quant)
     qlorafit.add_lora(model, r=4, alpha=8)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    randomize_lora_b(model, 0.1, seed=2)
     adapter = out / "run" / "adapter"
     qlorafit.save_adapter(model, adapter)
     if tokenizer is not None:

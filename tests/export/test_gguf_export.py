@@ -20,7 +20,7 @@ from qlorafit.export.gguf import export_gguf
 from qlorafit.export.gguf_lora import export_lora_gguf
 from qlorafit.models.gguf import gguf_tokenizer
 
-from ..conftest import smollm2_gguf
+from ..conftest import randomize_lora_b, smollm2_gguf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llama_cpp  # noqa: E402  tests/llama_cpp.py
@@ -147,10 +147,7 @@ def test_qlora_model_merged_and_quantized_like_llama_cpp(folders, tmp_path):
     q8_0 / q4_0 / q4_k_m files are byte for byte what llama.cpp's quantizer makes of our f32 file."""
     model, tokenizer = qlorafit.load_model(folders("llama"), quant="nf4")
     qlorafit.add_lora(model, r=4, alpha=8, rslora=True)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    randomize_lora_b(model, 0.1)
     f32 = export_gguf(model, tokenizer, tmp_path / "merged-f32.gguf", type="f32")
     _assert_close(llama_cpp.logits(f32, IDS), _ours(model), 1e-4)
     for file_type, ftype in (("q8_0", "Q8_0"), ("q4_0", "Q4_0"), ("q4_k_m", "Q4_K_M")):
@@ -175,11 +172,7 @@ def test_lora_adapter_file_applies_in_llama_cpp(family, folders, tmp_path):
     base = export_gguf(model, _tokenizer_for(family), tmp_path / "base.gguf", type="f32")
     ids = [i % model.config.vocab_size for i in IDS]
     qlorafit.add_lora(model, r=4, alpha=8, rslora=True)  # rsLoRA: alpha / sqrt(r), folded into B
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    randomize_lora_b(model, 0.1, seed=1)
     adapter = export_lora_gguf(model, tmp_path / "adapter.gguf", type="f32")
     reader = gguf.GGUFReader(adapter)
     assert reader.fields["general.type"].contents() == "adapter"
@@ -226,11 +219,7 @@ def test_bad_requests_are_refused_with_clear_errors(folders, tmp_path):
 def test_real_model_exports_and_llama_cpp_continues_it_as_we_do(smollm2_path, tmp_path):
     model, tokenizer = qlorafit.load_model(smollm2_path, quant="nf4")
     qlorafit.add_lora(model, r=8, alpha=16)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.002)
+    randomize_lora_b(model, 0.002, seed=0)
     path = export_gguf(model, tokenizer, tmp_path / "smollm2-f16.gguf", type="f16")
     source = gguf.GGUFReader(smollm2_path).fields
     fields = gguf.GGUFReader(path).fields

@@ -27,6 +27,8 @@ from qlorafit.export.gguf import export_gguf
 from qlorafit.export.gguf_lora import export_lora_gguf
 from qlorafit.generate import encode_prompt, greedy_batch, prompt_messages, stop_token_ids
 
+from ..conftest import randomize_lora_b
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llama_cpp  # noqa: E402  tests/llama_cpp.py
 
@@ -71,10 +73,7 @@ def exported(smollm2_path, tmp_path_factory) -> Exported:
     base = export_gguf(model, tokenizer, out / "base-f32.gguf", type="f32")
     torch.manual_seed(0)  # before add_lora: its A matrices are random too
     qlorafit.add_lora(model, r=8, alpha=16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.002)
+    randomize_lora_b(model, 0.002)
     f32 = export_gguf(model, tokenizer, out / "merged-f32.gguf", type="f32")
     q8_0 = export_gguf(model, tokenizer, out / "merged-q8_0.gguf", type="q8_0")
     adapter = export_lora_gguf(model, out / "adapter-f32.gguf", type="f32")

@@ -16,6 +16,7 @@ import transformers
 import qlorafit
 from qlorafit.export.gguf import export_gguf
 
+from ..conftest import randomize_lora_b
 from .test_gguf_export import IDS, _folder, _ours, _tokenizer_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,10 +57,7 @@ def files(request, tmp_path_factory) -> Files:
     model, _ = qlorafit.load_model(_folder(family, tmp_path_factory.mktemp("hf")), quant="none")
     torch.manual_seed(0)
     qlorafit.add_lora(model, r=4, alpha=8)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    randomize_lora_b(model, 0.1)
     folder = tmp_path_factory.mktemp(f"{family}-gguf")
     for file_type in ("f32", "q8_0"):  # SmolLM2's tokenizer as it is, as in test_gguf_export
         export_gguf(model, _tokenizer_for(family), folder / f"{file_type}.gguf", type=file_type)
