@@ -192,11 +192,7 @@ def logits(model: Path, token_ids: list[int], lora: Path | None = None, lora_sca
     ffi, lib = _library()
     with _lock:
         _log.clear()
-        model_params = lib.llama_model_default_params()
-        model_params.n_gpu_layers = 0
-        handle = lib.llama_model_load_from_file(str(model).encode(), model_params)
-        if handle == ffi.NULL:
-            raise RuntimeError(f"llama.cpp could not load {model}{_log_tail()}")
+        handle = _load_model(lib, ffi, model)
         context = ffi.NULL
         batch = None
         try:
@@ -238,14 +234,15 @@ def logits(model: Path, token_ids: list[int], lora: Path | None = None, lora_sca
             lib.llama_model_free(handle)
 
 
-def _load_vocab_only(lib: Any, ffi: Any, model: Path) -> Any:
-    """Load only the vocabulary of the GGUF file `model` (no weights); the caller frees the handle."""
+def _load_model(lib: Any, ffi: Any, model: Path, vocab_only: bool = False) -> Any:
+    """Load the GGUF file `model` on the CPU (only its vocabulary with `vocab_only`); the caller frees it."""
     params = lib.llama_model_default_params()
     params.n_gpu_layers = 0
-    params.vocab_only = True
+    params.vocab_only = vocab_only
     handle = lib.llama_model_load_from_file(str(model).encode(), params)
     if handle == ffi.NULL:
-        raise RuntimeError(f"llama.cpp could not load the vocabulary of {model}{_log_tail()}")
+        what = "the vocabulary of " if vocab_only else ""
+        raise RuntimeError(f"llama.cpp could not load {what}{model}{_log_tail()}")
     return handle
 
 
@@ -261,7 +258,7 @@ def tokenize(model: Path, text: str, add_special: bool, parse_special: bool) -> 
     data = text.encode("utf-8")
     with _lock:
         _log.clear()
-        handle = _load_vocab_only(lib, ffi, model)
+        handle = _load_model(lib, ffi, model, vocab_only=True)
         try:
             vocab = lib.llama_model_get_vocab(handle)
             capacity = len(data) + 8  # at most one token per byte, plus bos/eos
@@ -283,7 +280,7 @@ def special_tokens(model: Path) -> dict[str, Any]:
     ffi, lib = _library()
     with _lock:
         _log.clear()
-        handle = _load_vocab_only(lib, ffi, model)
+        handle = _load_model(lib, ffi, model, vocab_only=True)
         try:
             vocab = lib.llama_model_get_vocab(handle)
             n_vocab = lib.llama_vocab_n_tokens(vocab)
@@ -358,11 +355,7 @@ def greedy(model: Path, token_ids: list[int], max_new_tokens: int, stop_ids: set
     ffi, lib = _library()
     with _lock:
         _log.clear()
-        model_params = lib.llama_model_default_params()
-        model_params.n_gpu_layers = 0
-        handle = lib.llama_model_load_from_file(str(model).encode(), model_params)
-        if handle == ffi.NULL:
-            raise RuntimeError(f"llama.cpp could not load {model}{_log_tail()}")
+        handle = _load_model(lib, ffi, model)
         context = ffi.NULL
         adapter = ffi.NULL
         batch = None
@@ -421,7 +414,7 @@ def chat_template_prompt(model: Path, messages: list[dict], add_generation_promp
         chat[i].content = content
     with _lock:
         _log.clear()
-        handle = _load_vocab_only(lib, ffi, model)
+        handle = _load_model(lib, ffi, model, vocab_only=True)
         try:
             template = lib.llama_model_chat_template(handle, ffi.NULL)
             if template == ffi.NULL:
