@@ -114,8 +114,6 @@ def _reference(layer, x, mask):
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "linear4bit"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_fused_training_op_matches_plain_autograd(kind, dropout):
-    from qlorafit.lora import layer as layer_module
-
     base = _bases()[kind]
     for p in base.parameters():
         p.requires_grad_(False)
@@ -124,7 +122,7 @@ def test_fused_training_op_matches_plain_autograd(kind, dropout):
     x = torch.randn(2, 5, 40, requires_grad=True)
     g = torch.randn(2, 5, 24)
     out = layer(x)
-    mask = layer_module._MASKS.mask if dropout else None
+    mask = layer.masks.mask if dropout else None
     if dropout:
         assert mask.shape == x.shape and 0 < mask.float().mean() < 1
     grads = torch.autograd.grad(out, [x, layer.lora_A.weight, layer.lora_B.weight], g)
@@ -136,14 +134,28 @@ def test_fused_training_op_matches_plain_autograd(kind, dropout):
 
 
 def test_layers_reading_one_input_share_its_dropout_mask():
-    from qlorafit.lora import layer as layer_module
+    from qlorafit.lora.layer import MaskCache
 
     q, k = (LoraLinear.from_base(nn.Linear(40, 24).requires_grad_(False), r=4, alpha=8, dropout=0.5).train()
             for _ in range(2))
+    q.masks = k.masks = MaskCache()  # as add_lora shares one cache among a model's layers
     x = torch.randn(8, 40)
     q(x)
-    first = layer_module._MASKS.mask
+    first = q.masks.mask
     k(x)
-    assert layer_module._MASKS.mask is first  # same input tensor: same mask
+    assert k.masks.mask is first  # same input tensor: same mask
     q(x.clone())
-    assert layer_module._MASKS.mask is not first and not torch.equal(layer_module._MASKS.mask, first)
+    assert q.masks.mask is not first and not torch.equal(q.masks.mask, first)
+
+
+def test_two_models_never_share_lora_state():
+    """Masks and kept tensors belong to each model: another model (a thread, a rank) cannot see them."""
+    from qlorafit import add_lora
+
+    models = [add_lora(nn.Sequential(nn.Linear(40, 24), nn.Linear(24, 8)), r=2, alpha=4, dropout=0.5,
+                       targets=["0", "1"]).train() for _ in range(2)]
+    (a0, a1), (b0, b1) = ([m[0], m[1]] for m in models)
+    assert a0.masks is a1.masks and b0.masks is b1.masks and a0.masks is not b0.masks
+    x = torch.randn(3, 40)
+    models[0](x)
+    assert a0.masks.mask is not None and b0.masks.mask is None

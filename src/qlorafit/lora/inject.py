@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import TargetError
-from .layer import LoraLinear, is_wrappable
+from .layer import LoraLinear, MaskCache, is_wrappable
 
 ALL_LINEAR = "all-linear"
 
@@ -98,8 +98,10 @@ def add_lora(
     names = find_targets(model, targets)
     for p in model.parameters():
         p.requires_grad_(False)
+    masks = MaskCache()  # one per model: layers reading the same input share its dropout mask
     for name in names:
         layer = LoraLinear.from_base(model.get_submodule(name), r, alpha, dropout, rslora)
+        layer.masks = masks
         model.set_submodule(name, layer.train(model.training))
     targets_saved = targets if isinstance(targets, str) else list(targets)
     model.lora_config = LoraConfig(r, alpha, dropout, targets_saved, rslora, wrapped=names)

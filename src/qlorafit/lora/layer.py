@@ -70,8 +70,12 @@ def _compute_dtype(base: nn.Module) -> torch.dtype | None:
     return getattr(base, "compute_dtype", None)
 
 
-class _MaskCache:
-    """The dropout mask of the last input seen, so layers reading the same tensor share it."""
+class MaskCache:
+    """The dropout mask of the last input seen, so layers reading the same tensor share it.
+
+    One per model (`add_lora` gives all of a model's LoRA layers the same cache; a layer made on
+    its own has its own), so two models, threads or ranks in one process never share masks.
+    """
 
     def __init__(self) -> None:
         self.source: weakref.ref | None = None
@@ -97,26 +101,20 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     return (words.view(torch.int16)[:n] >= round(p * 65536) - 32768).view(shape)
 
 
-_MASKS = _MaskCache()
-
-
 def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """x (float32) with the dropped positions zeroed; x itself when there is no mask."""
     x = x.float()
     return x if mask is None else torch.where(mask.reshape(x.shape), x, 0.0)
 
 
-# Base weights dequantized while activation checkpointing recomputes a layer's forward, kept for
-# that layer's backward, which runs right after: one dequantization for both instead of two.
-# Holds at most the weights of one checkpointed region; each entry leaves at its backward.
-_RECOMPUTED: dict[int, torch.Tensor] = {}
-
-
-# Selective checkpointing: each LoRA layer's base output x W^T (+ b) from the first forward, kept
-# for the checkpoint's recomputation of the same layer, which then skips both the dequantization
-# and the matmul (the backward dequantizes once for the input gradient). Costs one (tokens, out)
-# tensor per wrapped layer until the layer's recomputation; `release_kept_outputs` empties it.
-_KEPT_OUTPUTS: dict[int, torch.Tensor] = {}
+# Two tensors each LoRA layer holds between passes (attributes of the layer, not globals):
+# - `recomputed_weight`: the base weight dequantized while activation checkpointing recomputes the
+#   layer's forward, kept for its backward, which runs right after: one dequantization for both
+#   instead of two; it leaves at that backward.
+# - `kept_output`: selective checkpointing's base output x W^T (+ b) from the first forward, kept
+#   for the checkpoint's recomputation of the same layer, which then skips both the dequantization
+#   and the matmul (the backward dequantizes once for the input gradient). One (tokens, out) tensor
+#   per wrapped layer until the layer's recomputation; `release_kept_outputs` drops what is left.
 
 
 def keep_base_outputs(model: nn.Module, keep: bool = True) -> None:
@@ -126,9 +124,11 @@ def keep_base_outputs(model: nn.Module, keep: bool = True) -> None:
             module.keep_base_output = keep
 
 
-def release_kept_outputs() -> None:
-    """Drop base outputs no recomputation used (called after each backward)."""
-    _KEPT_OUTPUTS.clear()
+def release_kept_outputs(model: nn.Module) -> None:
+    """Drop the base outputs of `model` that no recomputation used (called after each backward)."""
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.kept_output = None
 
 
 def _recomputing() -> bool:
@@ -139,7 +139,7 @@ def _recomputing() -> bool:
 def _base_output(ctx, x: torch.Tensor, x2: torch.Tensor, layer: LoraLinear, recomputing: bool) -> torch.Tensor:
     """x W^T + b in x's shape, W dequantized (and kept for the backward when recomputing)."""
     if ctx.needs_input_grad[0] and hasattr(layer.base_layer, "quant_state") and recomputing:
-        weight = _RECOMPUTED[id(layer)] = _base_weight(layer.base_layer, x.dtype)
+        weight = layer.recomputed_weight = _base_weight(layer.base_layer, x.dtype)
     else:
         weight = _base_weight(layer.base_layer, x.dtype, reuse_buffer=True)
     # the result is allocated in its final shape and filled through a 2-D view: a custom
@@ -159,7 +159,9 @@ class _LoraMatmul(torch.autograd.Function):
     def forward(ctx, x, weight_a, weight_b, layer, mask):
         x2 = x.reshape(-1, x.shape[-1])
         recomputing = _recomputing()
-        kept = _KEPT_OUTPUTS.pop(id(layer), None) if recomputing else None
+        kept = layer.kept_output if recomputing else None
+        if recomputing:
+            layer.kept_output = None
         if kept is not None and kept.shape[:-1] == x.shape[:-1]:
             result = kept  # selective checkpointing: the first forward's base output
             out = result.view(-1, result.shape[-1])
@@ -167,7 +169,7 @@ class _LoraMatmul(torch.autograd.Function):
             result = _base_output(ctx, x, x2, layer, recomputing)
             out = result.view(-1, result.shape[-1])
             if layer.keep_base_output and not recomputing:
-                _KEPT_OUTPUTS[id(layer)] = result.clone()
+                layer.kept_output = result.clone()
         # dropout(x) A^T = ((x * mask) A^T) / (1 - p): the scale goes on the rank-r side
         a = _masked(x2, mask) @ weight_a.t()  # (tokens, r)
         if mask is not None:
@@ -195,7 +197,7 @@ class _LoraMatmul(torch.autograd.Function):
         grad_a = grad_a_act.t() @ _masked(x.reshape(-1, x.shape[-1]), mask)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            weight = _RECOMPUTED.pop(id(layer), None)
+            weight, layer.recomputed_weight = layer.recomputed_weight, None
             if weight is None or weight.dtype != g.dtype:
                 weight = _base_weight(layer.base_layer, g.dtype, reuse_buffer=True)
             grad_x = g @ weight
@@ -230,6 +232,9 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
         self.merged = False
         self.keep_base_output = False  # selective checkpointing (keep_base_outputs)
+        self.kept_output: torch.Tensor | None = None
+        self.recomputed_weight: torch.Tensor | None = None
+        self.masks = MaskCache()  # add_lora shares one cache among a model's layers
         self.reset_lora_parameters()
 
     @classmethod
@@ -254,7 +259,7 @@ class LoraLinear(nn.Module):
         if self.merged:
             return self.base_layer(x)
         if torch.is_grad_enabled() and _compute_dtype(self.base_layer) == x.dtype:
-            mask = _MASKS.mask_for(x, self.dropout_p) if self.training and self.dropout_p > 0 else None
+            mask = self.masks.mask_for(x, self.dropout_p) if self.training and self.dropout_p > 0 else None
             return _LoraMatmul.apply(x, self.lora_A.weight, self.lora_B.weight, self, mask)
         out = self.base_layer(x)
         h = self.lora_dropout(x).to(self.lora_A.weight.dtype)

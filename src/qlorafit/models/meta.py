@@ -9,28 +9,46 @@ follows the final model, not a full-precision copy of it.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+_ORIGINAL_REGISTER = nn.Module.register_parameter
+_ON_META = threading.local()  # per thread: how many parameters_on_meta blocks it is inside
+_INSTALL_LOCK = threading.Lock()
+_installed_blocks = 0  # blocks open in any thread; the patch is in place while this is above zero
+
+
+def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _ORIGINAL_REGISTER(module, name, param)
+    if getattr(_ON_META, "depth", 0) and param is not None and param.device.type != "meta":
+        module._parameters[name] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+
 
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Inside this block every newly registered nn.Parameter is moved to the meta device."""
-    original = nn.Module.register_parameter
+    """Inside this block every nn.Parameter this thread registers is moved to the meta device.
 
-    def register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            meta = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-            module._parameters[name] = meta
-
-    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    The flag belongs to the thread that enters the block: modules another thread builds at the
+    same time keep real parameters. `nn.Module.register_parameter` is wrapped while any block is
+    open and restored when the last one closes.
+    """
+    global _installed_blocks
+    with _INSTALL_LOCK:
+        if _installed_blocks == 0:
+            nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
+        _installed_blocks += 1
+    _ON_META.depth = getattr(_ON_META, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        _ON_META.depth -= 1
+        with _INSTALL_LOCK:
+            _installed_blocks -= 1
+            if _installed_blocks == 0:
+                nn.Module.register_parameter = _ORIGINAL_REGISTER  # type: ignore[method-assign]
 
 
 def empty_model(config, trust_remote_code: bool = False) -> nn.Module:

@@ -121,7 +121,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[d
     for batch in micro:
         loss_sum, _ = causal_lm_loss(model, batch)
         (loss_sum / max(tokens, 1)).backward()
-        release_kept_outputs()
+        release_kept_outputs(model)
         total += float(loss_sum.detach())
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad for p in params if p.grad is not None]
