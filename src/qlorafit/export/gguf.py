@@ -213,19 +213,6 @@ def _source_gguf(model: nn.Module) -> Path | None:
     return Path(path) if path and source.get("kind") == "gguf" and Path(path).is_file() else None
 
 
-def _stored(array: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    if qtype == gguf.GGMLQuantizationType.F32:
-        return np.ascontiguousarray(array, dtype=np.float32)
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return array.astype(np.float16)
-    return quantize_tensor(np.ascontiguousarray(array, dtype=np.float32), qtype)
-
-
-def _nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
-
-
 def _model_tensors(model: nn.Module, layout: Layout) -> Iterator[tuple[str, np.ndarray]]:
     def hf() -> Iterator[tuple[str, np.ndarray]]:
         for key, tensor in merged_tensors(model, torch.float32):
@@ -279,23 +266,17 @@ def export_gguf(
         write_metadata(writer, model.config, layout)
         add_tokenizer(writer, tokenizer, chat_template=template, source_gguf=_source_gguf(model), eot_token=eot,
                       vocab_size=int(model.config.vocab_size))
-        for gguf_name, shape in shapes:
-            qtype = types[gguf_name]
-            if qtype == gguf.GGMLQuantizationType.F32:
-                writer.add_tensor_info(gguf_name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
-            elif qtype == gguf.GGMLQuantizationType.F16:
-                writer.add_tensor_info(gguf_name, shape, np.dtype(np.float16), 2 * int(np.prod(shape)))
-            else:
-                nbytes = _nbytes(shape, qtype)
-                byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
-                writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+        for gguf_name, shape in shapes:  # every type as the raw bytes quantize_tensor returns
+            byte_shape = gguf.quant_shape_to_byte_shape(shape, types[gguf_name])
+            writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                                   raw_dtype=types[gguf_name])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for (gguf_name, shape), (again, array) in zip(shapes, _model_tensors(model, layout), strict=True):
             if again != gguf_name or tuple(array.shape) != shape:
                 raise ExportError(f"the model changed while it was exported ({gguf_name} -> {again})")
-            writer.write_tensor_data(_stored(array, types[gguf_name]))
+            writer.write_tensor_data(quantize_tensor(array, types[gguf_name]))
         writer.close()
 
     with torch.no_grad():

@@ -98,12 +98,7 @@ def export_lora_gguf(model: nn.Module, path: str | os.PathLike, type: str = "f16
         writer.add_name(name or "LoRA adapter")
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for tensor_name, array in tensors:
-            if qtype == gguf.GGMLQuantizationType.F32:
-                writer.add_tensor(tensor_name, array)
-            elif qtype == gguf.GGMLQuantizationType.F16:
-                writer.add_tensor(tensor_name, array.astype(np.float16))
-            else:
-                writer.add_tensor(tensor_name, quantize_tensor(array, qtype), raw_dtype=qtype)
+            writer.add_tensor(tensor_name, quantize_tensor(array, qtype), raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
