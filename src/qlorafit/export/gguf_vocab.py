@@ -39,6 +39,7 @@ from typing import Any
 import gguf
 import numpy as np
 from gguf import GGUFValueType, TokenType
+from transformers.integrations.gguf import reader as hf_gguf_reader
 
 from ..errors import ExportError
 from .gguf_pre import llama_cpp_pre
@@ -96,9 +97,6 @@ def _keys_from_gguf(path: Path, tokenizer: Any, vocab_size: int | None) -> dict[
         }
     except (OSError, ValueError, struct.error) as exc:
         raise ExportError(f"{path}: cannot read the source GGUF file's tokenizer ({exc}). Check the path.") from exc
-    nested = [name for name, (_, _, sub_type) in keys.items() if sub_type == GGUFValueType.ARRAY]
-    if nested:
-        raise ExportError(f"{path}: the tokenizer keys {nested} hold arrays of arrays, which cannot be copied.")
     if Keys.LIST not in keys:
         raise ExportError(f"{path}: the source GGUF file has no tokenizer ({Keys.LIST}); it cannot be copied.")
     n_tokens = len(keys[Keys.LIST][0])
@@ -115,18 +113,12 @@ def _keys_from_gguf(path: Path, tokenizer: Any, vocab_size: int | None) -> dict[
     return keys
 
 
-_SCALARS = {
-    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2", GGUFValueType.INT16: "<i2",
-    GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4", GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "?",
-    GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
-}  # fmt: skip
-
-
 def _read_metadata(path: Path) -> Iterator[tuple[str, _Value]]:
     """Every metadata key of the (little-endian) GGUF file `path` with its value and GGUF types.
 
-    Strings stay the bytes stored. Not gguf.GGUFReader, which takes seconds over a vocabulary (it
-    makes arrays for every string), nor transformers' fast reader, which drops the value types.
+    The values are read by transformers' fast GGUF reader (as `models/gguf.py` reads the file),
+    which drops the value types; they are read here, key by key, so a copy keeps them. Not
+    gguf.GGUFReader, which takes seconds over a vocabulary (it makes arrays for every string).
     """
     blob = np.memmap(path, mode="r", dtype=np.uint8)
     magic, version, _, count = struct.unpack_from("<4sIQQ", blob, 0)
@@ -134,39 +126,11 @@ def _read_metadata(path: Path) -> Iterator[tuple[str, _Value]]:
         raise ValueError(f"not a little-endian GGUF file of version 2 or 3 (magic {magic!r}, version {version})")
     pos = 24
     for _ in range(count):
-        name, pos = _read_bytes(blob, pos)
+        name, pos = hf_gguf_reader._read_string(blob, pos)
         vtype = GGUFValueType(struct.unpack_from("<I", blob, pos)[0])
-        sub_type, pos = None, pos + 4
-        if vtype == GGUFValueType.ARRAY:
-            raw_type, length = struct.unpack_from("<IQ", blob, pos)
-            sub_type = GGUFValueType(raw_type)
-            value, pos = _read_items(blob, pos + 12, sub_type, length)
-        else:
-            (value,), pos = _read_items(blob, pos, vtype, 1)
-        yield name.decode("utf-8"), (value, vtype, sub_type)
-
-
-def _read_items(blob: np.ndarray, pos: int, vtype: GGUFValueType, length: int) -> tuple[list, int]:
-    if vtype == GGUFValueType.STRING:
-        items = []
-        for _ in range(length):
-            item, pos = _read_bytes(blob, pos)
-            items.append(item)
-        return items, pos
-    if vtype == GGUFValueType.ARRAY:  # arrays of arrays: read to skip them; none is a tokenizer key
-        items = []
-        for _ in range(length):
-            sub_type, count = struct.unpack_from("<IQ", blob, pos)
-            item, pos = _read_items(blob, pos + 12, GGUFValueType(sub_type), count)
-            items.append(item)
-        return items, pos
-    dtype = np.dtype(_SCALARS[vtype])
-    return np.frombuffer(blob, dtype, length, pos).tolist(), pos + length * dtype.itemsize
-
-
-def _read_bytes(blob: np.ndarray, pos: int) -> tuple[bytes, int]:
-    (length,) = struct.unpack_from("<Q", blob, pos)
-    return bytes(blob[pos + 8 : pos + 8 + length]), pos + 8 + length
+        sub_type = GGUFValueType(struct.unpack_from("<I", blob, pos + 4)[0]) if vtype == GGUFValueType.ARRAY else None
+        value, pos = hf_gguf_reader._read_value(blob, pos + 4, vtype, keep_strings=name.startswith("tokenizer."))
+        yield name, (value, vtype, sub_type)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +148,8 @@ def _keys_from_tokenizer(tokenizer: Any, vocab_size: int | None) -> dict[str, _V
     spec = json.loads(backend.to_str())
     model = spec["model"]
     sentencepiece = model["type"] == "BPE" and bool(model.get("byte_fallback"))
-    if model["type"] != "BPE" or not (sentencepiece or _has_byte_level(spec["pre_tokenizer"])):
+    byte_level = any(p["type"] == "ByteLevel" for p in _flatten(spec["pre_tokenizer"], "pretokenizers"))
+    if model["type"] != "BPE" or not (sentencepiece or byte_level):
         raise _refusal(
             f"the tokenizer is {_describe(spec)}, and llama.cpp reproduces only byte-level BPE (GPT-2, Llama 3, "
             "Qwen2 style) and SentencePiece-style BPE with byte fallback (Llama 2, Mistral style) tokenizers"
@@ -213,14 +178,6 @@ def _keys_from_tokenizer(tokenizer: Any, vocab_size: int | None) -> dict[str, _V
 def _describe(spec: dict) -> str:
     pre, normalizer = spec.get("pre_tokenizer") or {}, spec.get("normalizer") or {}
     return f"a {spec['model']['type']} model with pre-tokenizer {pre.get('type')} and normalizer {normalizer.get('type')}"
-
-
-def _has_byte_level(pre_tokenizer: dict | None) -> bool:
-    if not pre_tokenizer:
-        return False
-    if pre_tokenizer["type"] == "Sequence":
-        return any(_has_byte_level(p) for p in pre_tokenizer["pretokenizers"])
-    return pre_tokenizer["type"] == "ByteLevel"
 
 
 def _token_list(
@@ -348,10 +305,11 @@ def _sentencepiece_scores(tokens: list[str], types: list[int], merges: Sequence[
     the two agree when (1) every split of a token into two pieces llama.cpp can hold (tokens, or
     single characters) is a merge, and (2) the merges that make one token have neighbouring ranks.
     """
-    missing_bytes = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in tokens]
+    known = set(tokens)
+    missing_bytes = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in known]
     if missing_bytes:
         raise _spm_error(f"it lacks the byte tokens {missing_bytes[:4]}, which llama.cpp's byte fallback needs")
-    pairs = {pair: rank for rank, pair in reversed(list(enumerate(merges)))}  # first rank of each pair
+    pairs = set(merges)
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     count: dict[str, int] = {}
@@ -362,7 +320,6 @@ def _sentencepiece_scores(tokens: list[str], types: list[int], merges: Sequence[
     scattered = [t for t in first if last[t] - first[t] + 1 != count[t]]
     if scattered:
         raise _spm_error(f"the merges that make the tokens {scattered[:3]} have ranks far apart")
-    known = set(tokens)
     unlisted = [
         (text[:i], text[i:])
         for text, kind in zip(tokens, types, strict=True)
@@ -411,13 +368,13 @@ def _set_end_of_turn(keys: dict[str, _Value], tokenizer: Any, eot_token: str | N
     """Point the eos and eot ids at the chat template's end-of-turn token."""
     if eot_token is None:
         return
-    tokens = [t.decode("utf-8", "replace") if isinstance(t, bytes) else t for t in keys[Keys.LIST][0]]
-    eot_id = next((i for i, t in enumerate(tokens) if t == eot_token), None)
-    if eot_id is None:
+    try:
+        eot_id = keys[Keys.LIST][0].index(eot_token)
+    except ValueError:
         raise ExportError(
             f"the chat template's end-of-turn token {eot_token!r} is not in the tokenizer's vocabulary, so "
             "llama.cpp could not stop generating at it. Check the chat template and the tokenizer."
-        )
+        ) from None
     trained_id = tokenizer.convert_tokens_to_ids(eot_token)
     if trained_id is not None and trained_id != tokenizer.unk_token_id and trained_id != eot_id:
         raise ExportError(

@@ -248,7 +248,7 @@ def quantize_tensor(array: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.n
             f"not a multiple of the {qtype.name} block size {block_size}; choose a type whose block size "
             "divides it"
         )
-    byte_shape = (*data.shape[:-1], data.shape[-1] // block_size * type_size)
+    byte_shape = gguf.quants.quant_shape_to_byte_shape(data.shape, qtype)
     # lanes C skips (flat blocks, zero scales) still compute here, into infinities and NaNs, as do
     # gguf-py's quantizers (and C) on subnormal blocks
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
