@@ -198,8 +198,12 @@ def _export(args: argparse.Namespace) -> None:
 
             tokenizer = AutoTokenizer.from_pretrained(args.adapter)
     template = args.chat_template
-    if template is not None and Path(template).is_file():
+    if template is not None and "{" not in template and Path(template).is_file():  # a file, not a Jinja text
         template = Path(template).read_text()
+    if args.ollama:  # a template or system prompt the Modelfile cannot carry fails before the export's work
+        from .export.ollama import modelfile_template, write_modelfile
+
+        modelfile_template(tokenizer, template, args.system)
     if args.lora_only:
         out = export_lora_gguf(model, args.out, args.type or "f16")
         print(f"LoRA adapter written to {out} (apply with: llama-cli -m <base model GGUF> --lora {out})")
@@ -207,8 +211,6 @@ def _export(args: argparse.Namespace) -> None:
         out = export_gguf(model, tokenizer, args.out, args.type or "q8_0", chat_template=template)
         print(f"model written to {out}")
     if args.ollama:
-        from .export.ollama import write_modelfile
-
         if args.lora_only:
             modelfile = write_modelfile(Path(args.ollama), Path(args.model), tokenizer, chat_template=template,
                                         system=args.system, adapter_file=out)

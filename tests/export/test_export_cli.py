@@ -66,3 +66,17 @@ def test_lora_only_writes_an_adapter_and_refusals_leave_nothing(tmp_path, capsys
     assert main(["export", "--model", str(model_dir), "--out", "/proc/qlorafit/z.gguf", "--type", "f16"]) == 2
     assert "cannot write" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir() if ".gguf" in p.name) == ["adapter.gguf"]
+
+
+def test_ollama_refusals_come_before_the_export(tmp_path, capsys):
+    """A system prompt the template has no place for fails before the GGUF file is written."""
+    model_dir = _folder("llama", tmp_path / "hf")
+    no_system = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+                 "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+                 "{# " + "longer than a file name may be " * 10 + "#}")
+    out = tmp_path / "m.gguf"
+    code = main(["export", "--model", str(model_dir), "--out", str(out), "--type", "f16", "--chat-template", no_system,
+                 "--ollama", str(tmp_path / "ollama"), "--system", "Be brief."])
+    assert code == 2 and "system" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "ollama").exists()

@@ -54,28 +54,31 @@ def _single_token(tokenizer, token: str) -> bool:
 
 
 def ensure_chat_template(tokenizer, source: str | None = None) -> None:
-    """Give a tokenizer without a chat template ChatML or DEFAULT_TEMPLATE; never adds tokens.
+    """Give a tokenizer without a chat template `fallback_chat_template`'s; never adds tokens."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = fallback_chat_template(tokenizer, source)
+
+
+def fallback_chat_template(tokenizer, source: str | None = None) -> str:
+    """The template qlorafit uses for a tokenizer that has none: ChatML or DEFAULT_TEMPLATE.
 
     ChatML when its two tokens are already single tokens of the vocabulary, else DEFAULT_TEMPLATE,
     which needs an eos token to end assistant turns (DataError without one; `source` names the
     record in the message).
     """
-    if getattr(tokenizer, "chat_template", None):
-        return
     if all(_single_token(tokenizer, t) for t in CHATML_TOKENS):
-        tokenizer.chat_template = CHATML_TEMPLATE
-    elif tokenizer.eos_token is not None:
+        return CHATML_TEMPLATE
+    if tokenizer.eos_token is not None:
         # a model that starts every text with BOS (add_bos_token) starts a conversation with it too
         starts_with_bos = getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token is not None
-        tokenizer.chat_template = ("{{ bos_token }}" if starts_with_bos else "") + DEFAULT_TEMPLATE
-    else:
-        where = f"{source}: " if source else ""
-        name = getattr(tokenizer, "name_or_path", "")
-        raise DataError(
-            f"{where}the tokenizer{f' of {name}' if name else ''} has no chat template and no eos token to end assistant turns with, "
-            "so conversations cannot be rendered; set a chat template (chat_template in tokenizer_config.json) "
-            "or use prompt/completion records"
-        )
+        return ("{{ bos_token }}" if starts_with_bos else "") + DEFAULT_TEMPLATE
+    where = f"{source}: " if source else ""
+    name = getattr(tokenizer, "name_or_path", "")
+    raise DataError(
+        f"{where}the tokenizer{f' of {name}' if name else ''} has no chat template and no eos token to end assistant turns with, "
+        "so conversations cannot be rendered; set a chat template (chat_template in tokenizer_config.json) "
+        "or use prompt/completion records"
+    )
 
 
 def _render(tokenizer, messages, generation_prompt: bool) -> str:

@@ -344,13 +344,13 @@ def _special_keys(tokenizer: Any) -> dict[str, _Value]:
         token_id = getattr(tokenizer, f"{name}_token_id", None)
         if token_id is not None:
             keys[key] = (int(token_id), GGUFValueType.UINT32, None)
-    add_bos, add_eos = _added_bos_eos(tokenizer)
+    add_bos, add_eos = added_bos_eos(tokenizer)
     keys[Keys.ADD_BOS] = (add_bos, GGUFValueType.BOOL, None)
     keys[Keys.ADD_EOS] = (add_eos, GGUFValueType.BOOL, None)
     return keys
 
 
-def _added_bos_eos(tokenizer: Any) -> tuple[bool, bool]:
+def added_bos_eos(tokenizer: Any) -> tuple[bool, bool]:
     """Whether the tokenizer puts bos before and eos after every text: the only additions llama.cpp makes."""
     plain = tokenizer.encode("a", add_special_tokens=False)
     full = tokenizer.encode("a", add_special_tokens=True)

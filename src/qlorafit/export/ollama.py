@@ -19,13 +19,13 @@ the bos string its Jinja original writes first; otherwise the model would see tw
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from ..errors import ExportError
 from .files import write_file
-from .ollama_template import derive_pieces, effective_chat_template, go_template
+from .gguf_vocab import added_bos_eos
+from .ollama_template import ChatPieces, derive_pieces, effective_chat_template, go_template
 
 _NAME = re.compile(r"[A-Za-z0-9_]+")
 
@@ -47,18 +47,7 @@ def write_modelfile(
     item, e.g. extra stop strings). Paths inside `folder` are written relative to it.
     """
     folder = Path(folder)
-    template = effective_chat_template(tokenizer, chat_template)
-    pieces = derive_pieces(tokenizer, template)
-    if _adds_bos(tokenizer):  # llama.cpp adds it to every prompt, as the GGUF export tells it to
-        pieces = pieces.without_bos(tokenizer.bos_token)
-    system_line = None
-    if system is not None:
-        if pieces.system == "none":
-            pieces.with_default_system(system)  # raises: nowhere to put it
-        if _block_ok(system):
-            system_line = f'SYSTEM """{system}"""'
-        else:
-            pieces = pieces.with_default_system(system)
+    pieces, system_line = modelfile_template(tokenizer, chat_template, system)
     lines = [f"FROM {_path(gguf_file, folder, 'gguf_file')}"]
     if adapter_file is not None:
         lines.append(f"ADAPTER {_path(adapter_file, folder, 'adapter_file')}")
@@ -70,14 +59,22 @@ def write_modelfile(
     return write_file(folder / "Modelfile", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer puts its bos token before every text (so the GGUF's add_bos_token is true)."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    plain = tokenizer.encode("a", add_special_tokens=False)
-    full = tokenizer.encode("a", add_special_tokens=True)
-    return len(full) > len(plain) and full[0] == bos and plain[:1] != [bos]
+def modelfile_template(tokenizer, chat_template: str | None = None,
+                       system: str | None = None) -> tuple[ChatPieces, str | None]:
+    """The chat template's pieces for the Modelfile's TEMPLATE and its SYSTEM line (or None).
+
+    Raises ExportError for a template Ollama cannot express or a system prompt it has no place for;
+    callers about to write a GGUF file first can ask before that work.
+    """
+    pieces = derive_pieces(tokenizer, effective_chat_template(tokenizer, chat_template))
+    if added_bos_eos(tokenizer)[0]:  # llama.cpp adds it to every prompt, as the GGUF export tells it to
+        pieces = pieces.without_bos(tokenizer.bos_token)
+    if system is None:
+        return pieces, None
+    defaulted = pieces.with_default_system(system)  # raises where the template has no place for one
+    if _block_ok(system):
+        return pieces, f'SYSTEM """{system}"""'
+    return defaulted, None
 
 
 def _path(path: Path, folder: Path, what: str) -> str:
@@ -120,8 +117,8 @@ def _value(value, what: str) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    if isinstance(value, str | os.PathLike):
-        return _quote(str(value), what)
+    if isinstance(value, str):
+        return _quote(value, what)
     raise ExportError(f"{what} is a {type(value).__name__}: give a number, a string, a bool or a list of them")
 
 

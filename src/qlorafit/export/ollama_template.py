@@ -22,17 +22,13 @@ trim, so Ollama passes such whitespace through. Text a template computes when it
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..data.render import ensure_chat_template
+from ..data.render import fallback_chat_template
 from ..errors import DataError, ExportError
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
-# How a system message is written: its own turn (also after the first message, or only as the
-# first one), folded into the first or the last user message, or not at all.
-SYSTEM_MODES = ("turn", "turn-first", "first-user", "last-user", "none")
 _S1, _S2, _U1, _U2, _A1 = "QLFSYSONE", "QLFSYSTWO", "QLFUSERONE", "QLFUSERTWO", "QLFASSISTONE"
 # Contents for the check: line breaks, quotes and template syntax, no surrounding whitespace.
 _TEXTS = ("Hello there!", 'Two lines,\n"quoted" and {{ .Content }}', "Ok.", "Why?\n\nBecause {% x %}.", "Sure")
@@ -57,12 +53,13 @@ class ChatPieces:
     generation: str
     """After the last message when it is not the assistant's."""
     system: str = "turn"
-    """How a system message is written: one of SYSTEM_MODES."""
+    """How a system message is written: "turn" (its own turn, also after the first message), "turn-first"
+    (only as the first one), "first-user" / "last-user" (folded into that user message), "none"."""
     fold: tuple[str, str] = ("", "")
     """Fold modes: text before and after the system prompt inside the user message."""
     default_fold: str | None = None
     """Fold modes: a system prompt to fold in when the conversation has none (see `with_default_system`)."""
-    end_of_turn: tuple[str, ...] = field(default=())
+    end_of_turn: tuple[str, ...] = ()
     """The strings that end an assistant turn (stop strings for generation)."""
     opening_user: str | None = None
     """The prefix of a user message that opens the prompt, when it differs (see `without_bos`)."""
@@ -257,12 +254,10 @@ def effective_chat_template(tokenizer, chat_template: str | None = None) -> str:
         template = template.get("default")
     if template:
         return template
-    probe = copy.copy(tokenizer)  # ensure_chat_template sets the attribute; leave the caller's alone
     try:
-        ensure_chat_template(probe)
+        return fallback_chat_template(tokenizer)
     except DataError as e:
         raise ExportError(str(e)) from e
-    return probe.chat_template
 
 
 def _jinja(tokenizer, template: str, messages: list[dict], generation: bool, errors: list | None = None) -> str | None:
