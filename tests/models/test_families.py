@@ -56,11 +56,12 @@ FAMILIES = {
     "phi3": (lambda: transformers.Phi3Config(**SIZES, **ATTN, pad_token_id=0, tie_word_embeddings=False), "phi3"),
     "gemma": (lambda: transformers.GemmaConfig(**SIZES, **ATTN, head_dim=16), "gemma", False),
     "gemma2": (
-        lambda: transformers.Gemma2Config(**SIZES, **ATTN, head_dim=16, sliding_window=4, final_logit_softcapping=5.0,
-                                          attn_logit_softcapping=5.0),
+        lambda: transformers.Gemma2Config(**SIZES, **ATTN, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                                          final_logit_softcapping=5.0, attn_logit_softcapping=5.0),
         "gemma2", False,
     ),
-    "gemma3": (lambda: transformers.Gemma3TextConfig(**SIZES, **ATTN, head_dim=16, sliding_window=4), "gemma3"),
+    # head width 256 = transformers' default query_pre_attn_scalar, which is what llama.cpp scales by
+    "gemma3": (lambda: transformers.Gemma3TextConfig(**SIZES, **ATTN, head_dim=256, sliding_window=4), "gemma3"),
     "starcoder2": (lambda: transformers.Starcoder2Config(**SIZES, **ATTN, tie_word_embeddings=True), "starcoder2"),
     "stablelm": (lambda: transformers.StableLmConfig(**SIZES, **ATTN, tie_word_embeddings=False), "stablelm"),
     "falcon": (

@@ -289,6 +289,13 @@ def _add_extra_keys(file: GgufFile, architecture: str, updated: str, config: dic
 def _architecture_specifics(config: dict[str, Any]) -> None:
     """The per-architecture fixes transformers' `load_gguf_checkpoint` applies after the key mapping."""
     model_type = config["model_type"]
+    if model_type in ("gemma2", "gemma3_text"):
+        # llama.cpp scales attention by the head width, or by hidden size / heads for the 27B models;
+        # the file has no query_pre_attn_scalar, and transformers' default (256) holds only for some sizes
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        big = config["num_hidden_layers"] == (46 if model_type == "gemma2" else 62)
+        config["query_pre_attn_scalar"] = config["hidden_size"] // heads if big else head_dim
     if model_type == "gemma4_text":
         config["eos_token_id"] = [1, 106, 50]  # all three end-of-generation tokens
     elif model_type == "minimax_m2" and isinstance(config.get("scoring_func"), int):
