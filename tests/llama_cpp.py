@@ -15,6 +15,7 @@ aborts the whole process, so callers should hand it only files and tokens it can
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import functools
 import importlib.machinery
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -189,18 +191,46 @@ def logits(model: Path, token_ids: list[int], lora: Path | None = None, lora_sca
     n_tokens = len(token_ids)
     if n_tokens == 0:
         raise ValueError("token_ids is empty")
+    with _session(model, token_ids, n_tokens, n_tokens, lora, lora_scale) as (lib, ffi, context, batch, vocab):
+        n_vocab = lib.llama_vocab_n_tokens(vocab)
+        for i, token in enumerate(token_ids):
+            batch.token[i] = token
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1
+        batch.n_tokens = n_tokens
+        code = lib.llama_decode(context, batch)
+        if code != 0:
+            raise RuntimeError(f"llama_decode on {model} returned {code}{_log_tail()}")
+        out = np.empty((n_tokens, n_vocab), dtype=np.float32)
+        for i in range(n_tokens):
+            row = lib.llama_get_logits_ith(context, i)
+            if row == ffi.NULL:
+                raise RuntimeError(f"llama.cpp gave no logits for position {i}{_log_tail()}")
+            out[i] = np.frombuffer(ffi.buffer(row, n_vocab * 4), dtype=np.float32)
+        return out
+
+
+@contextlib.contextmanager
+def _session(model: Path, token_ids: list[int], n_ctx: int, n_batch: int, lora: Path | None,
+             lora_scale: float) -> Iterator[tuple[Any, Any, Any, Any, Any]]:
+    """(lib, ffi, context, batch, vocab) for running `model` on `token_ids`, under the lock: the
+    model loaded, the ids checked against its vocabulary, a `_generation_context` with the LoRA
+    adapter `lora` applied, a batch of `n_batch` tokens; all freed afterwards."""
     ffi, lib = _library()
     with _lock:
         _log.clear()
         handle = _load_model(lib, ffi, model)
-        context = ffi.NULL
+        context = adapter = ffi.NULL
         batch = None
         try:
-            n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(handle))
+            vocab = lib.llama_model_get_vocab(handle)
+            n_vocab = lib.llama_vocab_n_tokens(vocab)
             bad = [t for t in token_ids if not 0 <= t < n_vocab]
             if bad:
                 raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {n_vocab} in {model}")
-            context = _generation_context(lib, ffi, handle, model, n_tokens, n_tokens)
+            context = _generation_context(lib, ffi, handle, model, n_ctx, n_batch)
             if lora is not None:
                 adapter = lib.llama_adapter_lora_init(handle, str(lora).encode())
                 if adapter == ffi.NULL:
@@ -208,29 +238,15 @@ def logits(model: Path, token_ids: list[int], lora: Path | None = None, lora_sca
                 code = lib.llama_set_adapter_lora(context, adapter, lora_scale)
                 if code != 0:
                     raise RuntimeError(f"llama_set_adapter_lora({lora}) returned {code}{_log_tail()}")
-            batch = lib.llama_batch_init(n_tokens, 0, 1)
-            for i, token in enumerate(token_ids):
-                batch.token[i] = token
-                batch.pos[i] = i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = 1
-            batch.n_tokens = n_tokens
-            code = lib.llama_decode(context, batch)
-            if code != 0:
-                raise RuntimeError(f"llama_decode on {model} returned {code}{_log_tail()}")
-            out = np.empty((n_tokens, n_vocab), dtype=np.float32)
-            for i in range(n_tokens):
-                row = lib.llama_get_logits_ith(context, i)
-                if row == ffi.NULL:
-                    raise RuntimeError(f"llama.cpp gave no logits for position {i}{_log_tail()}")
-                out[i] = np.frombuffer(ffi.buffer(row, n_vocab * 4), dtype=np.float32)
-            return out
+            batch = lib.llama_batch_init(n_batch, 0, 1)
+            yield lib, ffi, context, batch, vocab
         finally:
             if batch is not None:
                 lib.llama_batch_free(batch)
             if context != ffi.NULL:
                 lib.llama_free(context)
+            if adapter != ffi.NULL:
+                lib.llama_adapter_lora_free(adapter)
             lib.llama_model_free(handle)
 
 
@@ -352,46 +368,19 @@ def greedy(model: Path, token_ids: list[int], max_new_tokens: int, stop_ids: set
         raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
     if max_new_tokens == 0:
         return []
-    ffi, lib = _library()
-    with _lock:
-        _log.clear()
-        handle = _load_model(lib, ffi, model)
-        context = ffi.NULL
-        adapter = ffi.NULL
-        batch = None
-        try:
-            vocab = lib.llama_model_get_vocab(handle)
-            n_vocab = lib.llama_vocab_n_tokens(vocab)
-            bad = [t for t in token_ids if not 0 <= t < n_vocab]
-            if bad:
-                raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {n_vocab} in {model}")
-            if stop_ids is None:
-                stop_ids = {i for i in range(n_vocab) if lib.llama_vocab_is_eog(vocab, i)}
-            context = _generation_context(lib, ffi, handle, model, n_prompt + max_new_tokens, n_prompt)
-            if lora is not None:
-                adapter = lib.llama_adapter_lora_init(handle, str(lora).encode())
-                if adapter == ffi.NULL:
-                    raise RuntimeError(f"llama.cpp could not load the LoRA adapter {lora}{_log_tail()}")
-                code = lib.llama_set_adapter_lora(context, adapter, 1.0)
-                if code != 0:
-                    raise RuntimeError(f"llama_set_adapter_lora({lora}) returned {code}{_log_tail()}")
-            batch = lib.llama_batch_init(n_prompt, 0, 1)
-            out: list[int] = []
-            token = _decode_next(lib, ffi, context, batch, list(token_ids), 0, n_vocab, model)
-            while token not in stop_ids:
-                out.append(token)
-                if len(out) == max_new_tokens:
-                    break
-                token = _decode_next(lib, ffi, context, batch, [token], n_prompt + len(out) - 1, n_vocab, model)
-            return out
-        finally:
-            if batch is not None:
-                lib.llama_batch_free(batch)
-            if context != ffi.NULL:
-                lib.llama_free(context)
-            if adapter != ffi.NULL:
-                lib.llama_adapter_lora_free(adapter)
-            lib.llama_model_free(handle)
+    n_ctx = n_prompt + max_new_tokens
+    with _session(model, token_ids, n_ctx, n_prompt, lora, 1.0) as (lib, ffi, context, batch, vocab):
+        n_vocab = lib.llama_vocab_n_tokens(vocab)
+        if stop_ids is None:
+            stop_ids = {i for i in range(n_vocab) if lib.llama_vocab_is_eog(vocab, i)}
+        out: list[int] = []
+        token = _decode_next(lib, ffi, context, batch, list(token_ids), 0, n_vocab, model)
+        while token not in stop_ids:
+            out.append(token)
+            if len(out) == max_new_tokens:
+                break
+            token = _decode_next(lib, ffi, context, batch, [token], n_prompt + len(out) - 1, n_vocab, model)
+        return out
 
 
 def chat_template_prompt(model: Path, messages: list[dict], add_generation_prompt: bool = True) -> str:

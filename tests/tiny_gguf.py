@@ -14,6 +14,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from qlorafit.export.gguf_layout import permute_rotary  # HF rotary halves -> llama.cpp's pairs
+
 CONTEXT_LENGTH = 256
 ROPE_THETA = 10000.0
 RMS_EPS = 1e-5
@@ -69,32 +71,16 @@ def tokenizer_tokens() -> list[str]:
     return [*tokens, *SPECIAL_TOKENS]
 
 
-def permute_rotary(weights: np.ndarray, n_head: int) -> np.ndarray:
-    """HF rotary halves -> llama.cpp's interleaved pairs (convert_hf_to_gguf.py's LlamaModel.permute)."""
-    rows, cols = weights.shape
-    return weights.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
-
-
-def write_tiny_llama_gguf(
-    path: Path,
-    rng: np.random.Generator,
-    hidden: int = 256,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 512,
-) -> dict[str, np.ndarray]:
+def write_tiny_llama_gguf(path: Path, rng: np.random.Generator, **shape: int) -> dict[str, np.ndarray]:
     """Write a random llama model with the tiny byte-level BPE tokenizer to `path` as an all-F32 GGUF file.
 
+    `shape` takes `write_tiny_llama_model`'s hidden, layers, heads, kv_heads and intermediate.
     Returns the float32 weights it wrote under Hugging Face LlamaForCausalLM names and layouts
     (``model.embed_tokens.weight``, ``model.layers.N.self_attn.q_proj.weight``, ...,
     ``lm_head.weight``; untied embeddings), with Q and K in HF's rotary order. K-quant types need
     `hidden` and `intermediate` to be multiples of 256, the other block types multiples of 32.
     """
-    return write_tiny_llama_model(
-        path, rng, VOCAB_SIZE, add_tiny_tokenizer,
-        hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
-    )  # fmt: skip
+    return write_tiny_llama_model(path, rng, VOCAB_SIZE, add_tiny_tokenizer, **shape)
 
 
 def add_tiny_tokenizer(writer: gguf.GGUFWriter) -> None:
