@@ -414,8 +414,7 @@ def test_tokenizer_template_and_fallbacks():
 )
 def test_untranslatable_templates_are_refused(template, words, tmp_path):
     tok = byte_tokenizer()
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF")
+    gguf = _gguf(tmp_path / "model.gguf")
     with pytest.raises(ExportError, match="--chat-template") as e:
         write_modelfile(tmp_path, gguf, tok, chat_template=template)
     assert words in str(e.value)
