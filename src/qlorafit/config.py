@@ -85,6 +85,13 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_last: int = Field(2, gt=0, description="checkpoints to keep")
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="under torchrun: ddp = every rank holds the whole 4-bit base; fsdp = the base's 4-bit "
+        "codes are sharded across ranks; auto = ddp when the planner says the base fits on each device, else fsdp"
+    )
+    distributed_timeout: float = Field(
+        600.0, gt=0, description="seconds a rank waits for the others before the run stops with an error"
+    )
 
 
 class RunConfig(_Section):

@@ -56,21 +56,32 @@ def exact_match(
     return sum(p["correct"] for p in predictions) / len(predictions), predictions
 
 
-def eval_loss(model: nn.Module, examples: list[Example], batch_size: int = 4, pad_id: int = 0) -> dict:
-    """Token-weighted mean cross-entropy over all labelled tokens, its perplexity and the token count."""
-    if batch_size < 1:
-        raise DataError(f"batch_size must be at least 1, got {batch_size}")
+def loss_totals(model: nn.Module, batches: list[list[Example]], pad_id: int = 0) -> tuple[float, int]:
+    """(sum of token cross-entropies, labelled tokens) over batches of examples, without dropout."""
     device = model_device(model)
     total, tokens = 0.0, 0
     with eval_mode(model), dequant_workspace(), torch.inference_mode():
-        for start in range(0, len(examples), batch_size):
-            batch = pad_batch(examples[start : start + batch_size], pad_id)
+        for examples in batches:
+            batch = pad_batch(examples, pad_id)
             loss_sum, count = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
             total, tokens = total + float(loss_sum), tokens + count
+    return total, tokens
+
+
+def loss_metrics(total: float, tokens: int) -> dict:
+    """Mean loss per token, its perplexity and the token count, from `loss_totals`."""
     if tokens == 0:
         raise DataError("the evaluation examples have no labelled token to compute a loss on")
     loss = total / tokens
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": tokens}
+
+
+def eval_loss(model: nn.Module, examples: list[Example], batch_size: int = 4, pad_id: int = 0) -> dict:
+    """Token-weighted mean cross-entropy over all labelled tokens, its perplexity and the token count."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be at least 1, got {batch_size}")
+    batches = [examples[start : start + batch_size] for start in range(0, len(examples), batch_size)]
+    return loss_metrics(*loss_totals(model, batches, pad_id))
 
 
 def write_predictions(path: str | os.PathLike, predictions: list[dict]) -> None:

@@ -1,13 +1,15 @@
 """The training loop: a plain function over a model, an optimizer and lists of batches.
 
-Determinism is by construction: the data order of epoch e comes from `seed + e`, dropout draws
-from torch's generator whose state goes into every checkpoint, and a checkpoint is only taken
-between optimizer steps. A run resumed from step k therefore replays steps k+1.. exactly as
-the uninterrupted run would, and ends with the same adapter, bit for bit.
+Determinism is by construction: the data order of epoch e comes from `seed + e`, the dropout of
+each micro-batch from a generator seeded by (seed, step, micro-batch), and a checkpoint is only
+taken between optimizer steps. A run resumed from step k therefore replays steps k+1.. exactly
+as the uninterrupted run would, and ends with the same adapter, bit for bit, on any number of
+processes (`distributed.py`: the loop asks its `World` wherever several could be involved).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,11 +27,12 @@ from ..config import TrainConfig
 from ..data.batches import batch_order, pack_rows, packed_batch, pad_batch
 from ..data.dataset import Dataset
 from ..errors import TrainingError, TrainingInterrupted
-from ..evaluate import eval_loss
+from ..evaluate import loss_metrics, loss_totals
 from ..fileio import atomic_write
 from ..lora.layer import keep_base_outputs, release_kept_outputs
 from ..quant.blockwise import dequant_workspace
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from .distributed import Local, dropout_seed, seeded
 from .loss import IGNORE, causal_lm_loss
 from .optim import AdamW
 from .schedule import make_scheduler
@@ -69,13 +72,24 @@ def collate(data: Dataset, batch: list[list[int]], run: Run) -> dict[str, torch.
     return pad_batch([data.examples[row[0]] for row in batch], run.pad_id)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, output_dir: Path) -> torch.optim.Optimizer:
-    """The optimizer `cfg.optimizer` names, over the trainable parameters."""
+def labelled_tokens(data: Dataset, batch: list[list[int]]) -> int:
+    """Positions of a micro-batch whose next token has a label, counted from the examples
+    (what `collate(...)["labels"][:, 1:]` holds): every labelled token but a row's first."""
+    count = 0
+    for row in batch:
+        examples = [data.examples[i] for i in row]
+        count += sum(label != IGNORE for e in examples for label in e.labels)
+        count -= examples[0].labels[0] != IGNORE
+    return count
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, output_dir: Path, rank: int = 0) -> torch.optim.Optimizer:
+    """The optimizer `cfg.optimizer` names, over the trainable parameters (paged: one folder per rank)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     bits = 8 if cfg.optimizer.endswith("8bit") else 32
-    paged = output_dir / "optimizer-pages" if cfg.optimizer.startswith("paged_") else None
+    paged = output_dir / "optimizer-pages" / f"rank-{rank}" if cfg.optimizer.startswith("paged_") else None
     return AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, bits=bits, paged=paged)
 
 
@@ -101,29 +115,44 @@ def _labelled(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def evaluate_loss(model: nn.Module, data: Dataset, cfg: TrainConfig, run: Run) -> dict:
-    """Token-weighted mean cross-entropy and perplexity over a dataset (no dropout)."""
-    result = eval_loss(model, data.examples, cfg.batch_size, run.pad_id)
+def evaluate_loss(model: nn.Module, data: Dataset, cfg: TrainConfig, run: Run, world: Local | None = None) -> dict:
+    """Token-weighted mean cross-entropy and perplexity over a dataset (no dropout), its batches
+    shared among the ranks."""
+    world = world or Local()
+    bs = cfg.batch_size
+    batches = [data.examples[i : i + bs] for i in range(0, len(data.examples), bs)]
+    total, tokens = world.sum(list(loss_totals(model, world.shard(batches), run.pad_id)))
+    result = loss_metrics(total, int(tokens))
     return {"eval_loss": result["loss"], "eval_ppl": result["perplexity"], "eval_tokens": result["tokens"]}
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[dict[str, torch.Tensor]],
-               max_grad_norm: float | None = None) -> tuple[float, bool]:
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro, max_grad_norm: float | None = None,
+               world: Local | None = None, tokens: int | None = None,
+               seeds: list[int] | None = None) -> tuple[float, bool]:
     """One optimizer step over the micro-batches `micro`: (mean loss per labelled token, applied).
 
     Gradients are accumulated token-weighted: the loss is the sum over all labelled tokens of
-    all micro-batches divided by their count, as if they were one batch. When the loss or any
-    gradient is NaN or infinite the update is not applied (`applied` is False) and the
-    gradients are dropped, so one bad batch cannot poison the adapter.
+    all micro-batches divided by their count (`tokens`, counted from `micro` when not given),
+    as if they were one batch. `micro` may be a lazy sequence: a rank only reads the
+    micro-batches it runs. `seeds[j]`, when given, seeds the dropout of micro-batch j. When the
+    loss or any gradient is NaN or infinite the update is not applied (`applied` is False) and
+    the gradients are dropped, so one bad batch cannot poison the adapter.
     """
-    tokens = sum(_labelled(b) for b in micro)
-    total = 0.0
-    for batch in micro:
-        loss_sum, _ = causal_lm_loss(model, batch)
-        (loss_sum / max(tokens, 1)).backward()
-        release_kept_outputs(model)
-        total += float(loss_sum.detach())
+    world = world or Local()
+    tokens = sum(_labelled(b) for b in micro) if tokens is None else tokens
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device if params else torch.device("cpu")
+    summed = world.gradient_sum(params)
+    for j in world.rounds(len(micro)):
+        loss = None
+        if j is not None:
+            with seeded(seeds[j], device) if seeds is not None else contextlib.nullcontext():
+                loss_sum, _ = causal_lm_loss(model, micro[j])
+                (loss_sum / max(tokens, 1)).backward()
+            release_kept_outputs(model)
+            loss = float(loss_sum.detach())
+        summed.add(j, loss)
+    total = summed.total()
     grads = [p.grad for p in params if p.grad is not None]
     finite = math.isfinite(total) and all(bool(torch.isfinite(g).all()) for g in grads)
     if finite:
@@ -132,6 +161,19 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro: list[d
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / max(tokens, 1), finite
+
+
+class _Collated:
+    """The micro-batches of a step, collated when (and only where) they are read."""
+
+    def __init__(self, data: Dataset, batches: list[list[list[int]]], run: Run, device: torch.device) -> None:
+        self.data, self.batches, self.run, self.device = data, batches, run, device
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in collate(self.data, self.batches[j], self.run).items()}
 
 
 def _log(run: Run, row: dict) -> None:
@@ -149,9 +191,7 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
-def _resume(run: Run, model, optimizer, scheduler) -> Position:
-    for name in remove_partial(run.output_dir / "checkpoints"):
-        logger.warning("removed %s, a checkpoint write that did not finish", name)
+def _resume(run: Run, model, optimizer, scheduler, world: Local) -> Position:
     folder = latest_checkpoint(run.output_dir / "checkpoints")
     if folder is None:
         logger.warning("%s: no complete checkpoint to resume from; starting at step 0", run.output_dir)
@@ -159,10 +199,16 @@ def _resume(run: Run, model, optimizer, scheduler) -> Position:
     else:
         position = load_checkpoint(folder, model, optimizer, scheduler)
         logger.info("resuming from %s (step %d)", folder, position.step)
-    metrics = run.output_dir / "metrics.jsonl"
-    if metrics.is_file():  # forget what was logged after the checkpoint: those steps run again
-        kept = [line for line in metrics.read_text().splitlines() if _logged_step(line) <= position.step]
-        atomic_write(metrics, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+    def tidy() -> None:
+        for name in remove_partial(run.output_dir / "checkpoints"):
+            logger.warning("removed %s, a checkpoint write that did not finish", name)
+        metrics = run.output_dir / "metrics.jsonl"
+        if metrics.is_file():  # forget what was logged after the checkpoint: those steps run again
+            kept = [line for line in metrics.read_text().splitlines() if _logged_step(line) <= position.step]
+            atomic_write(metrics, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+    world.on_main(tidy)
     return position
 
 
@@ -193,24 +239,41 @@ class _StopSignals:
 
 
 def train(model: nn.Module, train_data: Dataset, eval_data: Dataset | None, cfg: TrainConfig, run: Run,
-          resume: bool = False) -> dict:
-    """Train the model's trainable (LoRA) parameters; returns the last eval metrics (or {})."""
-    optimizer = make_optimizer(model, cfg, run.output_dir)
+          resume: bool = False, world: Local | None = None) -> dict:
+    """Train the model's trainable (LoRA) parameters; returns the last eval metrics (or {}).
+
+    `world` is the set of processes training together (`distributed.init_world`); by default
+    this process alone.
+    """
+    world = world or Local()
+    optimizer = make_optimizer(model, cfg, run.output_dir, world.rank)
     try:
         with _StopSignals() as stop, dequant_workspace():
-            return _train(model, optimizer, train_data, eval_data, cfg, run, resume, stop)
+            return _train(model, optimizer, train_data, eval_data, cfg, run, resume, stop, world)
     finally:
         if hasattr(optimizer, "close"):
             optimizer.close()
+            with contextlib.suppress(OSError):  # the last rank to close removes the shared folder
+                (run.output_dir / "optimizer-pages").rmdir()
 
 
-def _train(model, optimizer, train_data, eval_data, cfg: TrainConfig, run: Run, resume: bool, stop: _StopSignals) -> dict:
+def _train(model, optimizer, train_data, eval_data, cfg: TrainConfig, run: Run, resume: bool, stop: _StopSignals,
+           world: Local) -> dict:
     n_batches = len(epoch_batches(train_data, cfg, run, 0))
     total = total_steps(n_batches, cfg)
     scheduler = make_scheduler(optimizer, total, cfg.warmup_steps, cfg.schedule)
-    position = _resume(run, model, optimizer, scheduler) if resume else Position()
+    position = _resume(run, model, optimizer, scheduler, world) if resume else Position()
     model.train()
+    device = next(model.parameters()).device
     checkpoints = run.output_dir / "checkpoints"
+
+    def save() -> Path | None:
+        return world.on_main(lambda: save_checkpoint(checkpoints, model, optimizer, scheduler, position, cfg.keep_last))
+
+    def log(row: dict) -> None:
+        if world.main:
+            _log(run, row)
+
     last_eval: dict = {}
     bad_in_row = 0
     start, tokens_seen = time.perf_counter(), 0
@@ -219,7 +282,9 @@ def _train(model, optimizer, train_data, eval_data, cfg: TrainConfig, run: Run, 
         while position.batch < len(batches) and position.step < total:
             chosen = batches[position.batch : position.batch + cfg.grad_accum]
             lr = scheduler.get_last_lr()[0]
-            loss, applied = train_step(model, optimizer, [collate(train_data, b, run) for b in chosen], cfg.max_grad_norm)
+            seeds = [dropout_seed(cfg.seed, position.step, j) for j in range(len(chosen))]
+            loss, applied = train_step(model, optimizer, _Collated(train_data, chosen, run, device), cfg.max_grad_norm,
+                                       world, sum(labelled_tokens(train_data, b) for b in chosen), seeds)
             scheduler.step()
             position.batch += len(chosen)
             position.step += 1
@@ -228,9 +293,9 @@ def _train(model, optimizer, train_data, eval_data, cfg: TrainConfig, run: Run, 
             tokens_seen += sum(len(train_data.examples[i]) for b in chosen for row in b for i in row)
             elapsed = time.perf_counter() - start
             if not applied or position.step % cfg.log_every == 0 or position.step == total:
-                _log(run, {"step": position.step, "epoch": position.epoch, "loss": loss, "lr": lr,
-                           "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": elapsed, "total_steps": total,
-                           **({} if applied else {"skipped": True, "skipped_total": position.skipped})})
+                log({"step": position.step, "epoch": position.epoch, "loss": loss, "lr": lr,
+                     "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": elapsed, "total_steps": total,
+                     **({} if applied else {"skipped": True, "skipped_total": position.skipped})})
             if not applied:
                 logger.warning("step %d: NaN or infinite loss or gradient; update skipped (%d in a row)",
                                position.step, bad_in_row)
@@ -243,23 +308,24 @@ def _train(model, optimizer, train_data, eval_data, cfg: TrainConfig, run: Run, 
                         "train.max_bad_steps."
                     )
             if eval_data is not None and cfg.eval_every and position.step % cfg.eval_every == 0 and position.step < total:
-                last_eval = evaluate_loss(model, eval_data, cfg, run)
-                _log(run, {"step": position.step, **last_eval})
+                last_eval = evaluate_loss(model, eval_data, cfg, run, world)
+                log({"step": position.step, **last_eval})
             epoch_done = position.batch >= len(batches)
             if epoch_done:
                 position.epoch, position.batch = position.epoch + 1, 0
             if cfg.save_every and position.step % cfg.save_every == 0 and position.step < total:
-                save_checkpoint(checkpoints, model, optimizer, scheduler, position, cfg.keep_last)
-            if stop.signum is not None and position.step < total:
-                folder = save_checkpoint(checkpoints, model, optimizer, scheduler, position, cfg.keep_last)
-                name = signal.Signals(stop.signum).name
+                save()
+            signum = world.max(stop.signum or 0)  # a signal to any rank stops all at this step
+            if signum and position.step < total:
+                folder = save() or checkpoints / f"step-{position.step}"
+                name = signal.Signals(signum).name
                 raise TrainingInterrupted(
                     f"{name} received: stopped after step {position.step} of {total} and saved {folder}; "
-                    "continue with the same command plus --resume", stop.signum)
+                    "continue with the same command plus --resume", signum)
             if epoch_done:
                 break  # the next epoch has its own order
     if eval_data is not None:
-        last_eval = evaluate_loss(model, eval_data, cfg, run)
-        _log(run, {"step": position.step, **last_eval})
-    save_checkpoint(checkpoints, model, optimizer, scheduler, position, cfg.keep_last)
+        last_eval = evaluate_loss(model, eval_data, cfg, run, world)
+        log({"step": position.step, **last_eval})
+    save()
     return last_eval

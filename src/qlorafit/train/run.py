@@ -19,6 +19,7 @@ from ..lora.peft_io import save_adapter
 from ..models.load import load_model
 from ..plan import device_memory, plan, shape_from_config
 from ..sysmem import rss_bytes
+from .distributed import init_world
 from .loop import Run, enable_grad_checkpointing, train
 from .plot import plot_losses
 
@@ -78,9 +79,22 @@ def use_grad_checkpointing(config: RunConfig, model) -> str:
 
 def run_training(config: RunConfig, resume: bool = False, overwrite: bool = False,
                  on_log: Callable[[dict], None] | None = None) -> dict:
-    """Load, adapt, train and save as the config says; returns paths and the final eval metrics."""
+    """Load, adapt, train and save as the config says; returns paths and the final eval metrics.
+
+    Under torchrun (or in a process group the caller started) every rank calls this: each
+    loads and quantizes the base, the ranks check that they hold the same weights and adapter,
+    share each step's micro-batches, and rank 0 alone writes files (`distributed.py`).
+    """
+    world = init_world(config.train.distributed_timeout)
+    try:
+        return _run(config, resume, overwrite, on_log, world)
+    finally:
+        world.close()
+
+
+def _run(config: RunConfig, resume: bool, overwrite: bool, on_log, world) -> dict:
     out = Path(config.output_dir)
-    prepare_output_dir(out, resume, overwrite)
+    world.on_main(lambda: prepare_output_dir(out, resume, overwrite))
     torch.manual_seed(config.train.seed)
     q = config.quant
     model, tokenizer = load_model(config.model, quant=q.type, double_quant=q.double_quant, blocksize=q.blocksize,
@@ -90,20 +104,26 @@ def run_training(config: RunConfig, resume: bool = False, overwrite: bool = Fals
         raise QlorafitError(f"{config.model}: has no tokenizer files, which training needs")
     lc = config.lora
     add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets, rslora=lc.rslora)
+    world.check_same([*model.named_parameters(), *model.named_buffers()], "quantized base weights or initial adapters")
     mode = use_grad_checkpointing(config, model)
     if mode != "off":
         enable_grad_checkpointing(model, selective=mode == "selective")
     d = config.data
     train_data = load_dataset(d.train, tokenizer, d.format, d.max_length, d.train_on)
     eval_data = load_dataset(d.eval, tokenizer, d.format, d.max_length, d.train_on) if d.eval else None
-    save_config(config, out / "config.yaml")
+    world.on_main(lambda: save_config(config, out / "config.yaml"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    run = Run(out, pad_id, d.max_length, d.packing, on_log)
-    metrics = train(model, train_data, eval_data, config.train, run, resume=resume)
-    save_adapter(model, out / "adapter", base_model_name_or_path=config.model)
-    tokenizer.save_pretrained(str(out / "adapter"))
-    plot_losses(out / "metrics.jsonl", out / "loss.png")
+    run = Run(out, pad_id, d.max_length, d.packing, on_log if world.main else None)
+    metrics = train(model, train_data, eval_data, config.train, run, resume=resume, world=world)
+    world.check_same([(n, p) for n, p in model.named_parameters() if p.requires_grad], "trained adapters")
     summary = {"adapter": str(out / "adapter"), "metrics": str(out / "metrics.jsonl"), "plot": str(out / "loss.png"),
                "train_examples": len(train_data.examples), "truncated": train_data.truncated, **metrics}
-    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+
+    def finish() -> None:
+        save_adapter(model, out / "adapter", base_model_name_or_path=config.model)
+        tokenizer.save_pretrained(str(out / "adapter"))
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+        atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+
+    world.on_main(finish)
     return summary
