@@ -101,3 +101,24 @@ def test_selective_checkpointing_plans_between_full_and_none():
     shape = shape_from_params(1.1e9)
     sizes = {m: plan(shape, batch=4, seq=512, grad_checkpointing=m).rows["activations"] for m in (False, "selective", True)}
     assert sizes[True] < sizes["selective"] < sizes[False]
+
+
+def test_devices_and_strategies_plan_per_device():
+    shape = shape_from_params(65.2e9)
+    big = dict(batch=1, seq=512, rank=16, optimizer="paged_adamw", grad_checkpointing=True)
+    one = plan(shape, device="cuda:48GB", **big)
+    ddp = plan(shape, device="cuda:24GB", devices=2, strategy="ddp", **big)
+    fsdp = plan(shape, device="cuda:24GB", devices=2, strategy="fsdp", **big)
+    assert one.fits and not ddp.fits and fsdp.fits  # the QLoRA paper's 65B: one 48 GB GPU, or two 24 GB with FSDP
+    assert ddp.rows == one.rows  # data parallel: each device holds everything
+    codes = shape.linear_params // 2
+    assert fsdp.rows["4-bit codes (shard)"] == codes // 2
+    assert fsdp.rows["frozen weights"] + codes == one.rows["frozen weights"]  # scales, embeddings, norms stay whole
+    assert 0 < fsdp.rows["gathered layers"] < 0.05 * codes
+    assert "2 devices, fsdp: memory per device" in fsdp.table()
+    # processes on one CPU share its memory
+    assert plan(shape, device="cpu:64GB", devices=4).available == 16 * GiB
+    with pytest.raises(QlorafitError, match="method qlora"):
+        plan(shape, method="lora", devices=2, strategy="fsdp")
+    with pytest.raises(QlorafitError, match="unknown strategy"):
+        plan(shape, devices=2, strategy="zero3")

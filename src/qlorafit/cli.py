@@ -80,16 +80,37 @@ def _load(args: argparse.Namespace):
     return model, tokenizer
 
 
+def _torchrun(args: argparse.Namespace) -> None:
+    """Replace this process by torchrun's launcher running the same `train` on `--nproc` processes."""
+    import os
+
+    from .train.distributed import torchrun_command
+
+    argv = (["-v"] if args.verbose else []) + ([f"--allocator={args.allocator}"] if args.allocator else [])
+    argv += ["train", args.config, *(f"--set={s}" for s in args.set)]
+    argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+    command, env = torchrun_command(args.nproc, argv)
+    sys.stdout.flush()
+    os.execvpe(command[0], command, env)
+
+
 def _train(args: argparse.Namespace) -> None:
     from .config import load_config
+    from .train.distributed import is_main_process, launched
     from .train.run import run_training
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set)  # errors surface before any process starts
+    if args.nproc is not None and args.nproc < 1:
+        raise QlorafitError(f"--nproc {args.nproc}: give a number of processes, 1 or more")
+    if args.nproc and args.nproc > 1 and not launched():
+        _torchrun(args)
     progress = _Progress()
     try:
         summary = run_training(config, resume=args.resume, overwrite=args.overwrite, on_log=progress)
     finally:
         progress.close()
+    if not is_main_process():
+        return
     print(f"adapter: {summary['adapter']}\nmetrics: {summary['metrics']}\nloss curve: {summary['plot']}")
     if "eval_loss" in summary:
         print(f"eval loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f}")
@@ -252,7 +273,8 @@ def _plan(args: argparse.Namespace) -> None:
     else:
         shape = shape_from_params(_parse_count(args.params))
     result = plan(shape, method=args.method, batch=args.batch, seq=args.seq, rank=args.rank, optimizer=args.optimizer,
-                  grad_checkpointing=args.grad_checkpointing, device=args.device)
+                  grad_checkpointing=args.grad_checkpointing, device=args.device, devices=args.devices,
+                  strategy=args.strategy)
     print(result.table())
 
 
@@ -294,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+    train.add_argument("--nproc", type=int, metavar="N",
+                       help="train on N processes of this machine (starts torchrun; one per GPU, or sharing the cores)")
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="loss/perplexity or exact-match accuracy on a JSONL file")
@@ -356,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"])
     pl.add_argument("--grad-checkpointing", action="store_true", help="plan with activation checkpointing on")
     pl.add_argument("--device", default="cpu", help="cpu, cuda, or a size: cpu:16GB, cuda:24GB (default: this CPU)")
+    pl.add_argument("--devices", type=int, default=1, help="processes training together, one per device (default 1)")
+    pl.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"],
+                    help="with several devices: ddp holds the whole base on each, fsdp shards it (default ddp)")
     pl.set_defaults(func=_plan)
 
     demo = sub.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct on a bundled task; accuracy before/after")
@@ -377,7 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except TrainingInterrupted as exc:
-        print(f"\nqlorafit: {exc}", file=sys.stderr)
+        from .train.distributed import is_main_process
+
+        if is_main_process():  # the other ranks stopped at the same step with it
+            print(f"\nqlorafit: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except QlorafitError as exc:
         print(f"qlorafit: error: {exc}", file=sys.stderr)

@@ -27,6 +27,7 @@ GiB = 1024**3
 MiB = 1024**2
 METHODS = ("qlora", "lora", "full")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+STRATEGIES = ("ddp", "fsdp")
 RUNTIME_BYTES = {"cpu": 330 * MiB, "cuda": 600 * MiB}  # interpreter + torch + transformers + tokenizer; CUDA context
 # Freed activation-sized temporaries that glibc's heap keeps (pinned by live tensors allocated
 # after them), as a share of the activations one un-checkpointed forward pass creates. With
@@ -155,6 +156,7 @@ class Plan:
             f"{s['method']}, batch {s['batch']} x {s['seq']} tokens, r={s['rank']}, {s['optimizer']}, "
             f"gradient checkpointing {_mode(s['grad_checkpointing'])}, {s['device']} "
             f"({s['compute_dtype']} compute)",
+            *([f"{s['devices']} devices, {s['strategy']}: memory per device"] if s.get("devices", 1) > 1 else []),
             "",
             f"{'component':<26}{'MiB':>12}",
         ]
@@ -186,8 +188,24 @@ def plan(
     dropout: float = 0.05,
     double_quant: bool = True,
     blocksize: int = 64,
+    devices: int = 1,
+    strategy: str = "ddp",
 ) -> Plan:
-    """The memory a run would need; `available` defaults to the device's memory (see `device_memory`)."""
+    """The memory a run would need on each device; `available` defaults to the device's memory
+    (`device_memory`).
+
+    With `devices` > 1, `strategy` ddp holds the whole frozen base on every device; fsdp holds
+    1/devices of its 4-bit codes plus the layers gathered whole while they run (the current one
+    and the prefetched next); block scales, embeddings and norms stay whole. Adapters, their
+    gradients and optimizer state are on every device in both.
+    Several CPU processes share one machine's memory: each gets 1/devices of it.
+    """
+    if strategy not in STRATEGIES:
+        raise QlorafitError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+    if devices < 1:
+        raise QlorafitError(f"devices must be at least 1, got {devices}")
+    if strategy == "fsdp" and method != "qlora":
+        raise QlorafitError("strategy fsdp shards a 4-bit base's codes: it plans method qlora only")
     if method not in METHODS:
         raise QlorafitError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if optimizer not in OPTIMIZERS:
@@ -208,6 +226,11 @@ def plan(
     else:
         rows["weights"] = (lin + other) * 4
     trainable = (lin + other) if method == "full" else sum(rank * (i + o) for i, o in shape.linear)
+    if strategy == "fsdp" and devices > 1:  # the 4-bit codes are sharded; scales, embeddings, norms stay whole
+        codes = lin // 2
+        rows["frozen weights"] -= codes
+        rows["4-bit codes (shard)"] = -(-codes // devices)
+        rows["gathered layers"] = int(2 * codes / max(shape.layers, 1))
     if method != "full":
         rows["LoRA weights"] = trainable * 4
     rows["gradients"] = trainable * 4
@@ -233,8 +256,10 @@ def plan(
         rows["allocator slack"] = int(CPU_ALLOCATOR_SLACK * layer * shape.layers)
     settings = {"method": method, "batch": batch, "seq": seq, "rank": rank, "optimizer": optimizer,
                 "grad_checkpointing": grad_checkpointing, "device": device,
-                "compute_dtype": "float32" if cbytes == 4 else "bfloat16"}
-    return Plan(shape, settings, rows, pageable, available if available is not None else dev_bytes)
+                "compute_dtype": "float32" if cbytes == 4 else "bfloat16", "devices": devices, "strategy": strategy}
+    if available is None:
+        available = dev_bytes // devices if kind == "cpu" else dev_bytes
+    return Plan(shape, settings, rows, pageable, available)
 
 
 def parse_device(device: str) -> tuple[str, int]:

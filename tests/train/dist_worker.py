@@ -45,6 +45,21 @@ def _faults(spec: dict, rank: int) -> None:
     loop.causal_lm_loss = patched
 
 
+def _report_shards(spec: dict, rank: int) -> None:
+    """Record (bytes of 4-bit codes this rank holds, bytes of all codes) once the base is sharded."""
+    from qlorafit.train import fsdp, run
+
+    original = run.shard_base
+
+    def shard_and_report(model, *args):
+        before = fsdp.code_bytes(model)
+        original(model, *args)
+        after = fsdp.code_bytes(model)
+        Path(spec["marker"]).with_name(f"shards-{rank}.json").write_text(json.dumps({"before": before, "after": after}))
+
+    run.shard_base = shard_and_report
+
+
 def main() -> int:
     spec = json.loads(Path(sys.argv[1]).read_text())
     rank = int(sys.argv[2])
@@ -53,6 +68,7 @@ def main() -> int:
         dist.init_process_group("gloo", init_method=f"file://{spec['store']}", rank=rank, world_size=spec["world"],
                                 timeout=datetime.timedelta(seconds=spec.get("timeout", 60)))
     _faults(spec, rank)
+    _report_shards(spec, rank)
     try:
         run_training(build_config(spec["config"]), resume=spec.get("resume", False))
     except TrainingInterrupted as exc:

@@ -165,7 +165,29 @@ def test_dropout_seeds_depend_on_seed_step_and_micro_batch_only():
 
 def test_local_world_runs_every_micro_batch_in_order():
     world = Local()
-    assert list(world.rounds(3)) == [0, 1, 2] and world.shard([1, 2, 3]) == [1, 2, 3]
+    assert list(world.rounds(3)) == [(0, True), (1, True), (2, True)]
+    assert world.shard([1, 2, 3]) == [(1, True), (2, True), (3, True)]
     assert world.max(15) == 15 and world.sum([1.5, 2.0]) == [1.5, 2.0]
     assert world.on_main(lambda: 7) == 7
     world.check_same([("w", torch.ones(2))], "weights")  # one process agrees with itself
+
+
+def test_fsdp_shards_the_4bit_codes_and_trains_the_single_process_adapter(reference, tiny_chat_model_dir):
+    tmp, one = reference
+    two = _run(tmp, _tree(tiny_chat_model_dir, tmp, "fsdp", distributed="fsdp"), 2)
+    # 3 ranks, 4 micro-batches a step and 3 eval batches: ranks without a micro-batch of their own
+    # in a round run one anyway (dropped) so that every rank joins every gather of the codes
+    three = _run(tmp, _tree(tiny_chat_model_dir, tmp, "fsdp3", distributed="fsdp"), 3)
+    assert _adapter(two) == _adapter(one) == _adapter(three)
+    for step in (2, 4):
+        a, b = (o / "checkpoints" / f"step-{step}" / "state.pt" for o in (one, two))
+        assert torch.load(a, weights_only=True)["optimizer"]["state"].keys() == \
+            torch.load(b, weights_only=True)["optimizer"]["state"].keys()
+    evals = [[r["eval_loss"] for r in _rows(out) if "eval_loss" in r] for out in (one, two)]
+    assert evals[1] == pytest.approx(evals[0], rel=1e-6)
+    spec = two.with_suffix(".spec")
+    for rank in (0, 1):
+        shards = json.loads((spec / f"shards-{rank}.json").read_text())
+        local, total = shards["after"]
+        assert shards["before"] == [total, total]
+        assert total / 2 <= local <= total / 2 + 64 * 4  # half of every layer's codes, up to FSDP's padding

@@ -30,6 +30,7 @@ import datetime
 import hashlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -81,9 +82,12 @@ class Local:
 
     rank, size, main = 0, 1, True
 
-    def rounds(self, n: int) -> Iterator[int | None]:
-        """The micro-batch this rank runs in each round of a step of `n` (None: none this round)."""
-        yield from range(n)
+    def rounds(self, n: int) -> Iterator[tuple[int | None, bool]]:
+        """Per round of a step of `n` micro-batches: (the micro-batch this rank runs, whether it
+        counts). (None, False): nothing this round; (j, False): run micro-batch j only to keep
+        in step with ranks that share the model's weights (FSDP), and drop its result."""
+        for j in range(n):
+            yield j, True
 
     def gradient_sum(self, params: list[nn.Parameter]) -> GradientSum:
         return GradientSum(params)
@@ -95,9 +99,10 @@ class Local:
     def sum(self, values: list[float]) -> list[float]:
         return list(values)
 
-    def shard(self, items: list[T]) -> list[T]:
-        """This rank's part of `items` (evaluation work)."""
-        return items
+    def shard(self, items: list[T]) -> list[tuple[T, bool]]:
+        """This rank's part of `items` (evaluation work), as (item, whether it counts): rounds
+        of one item per rank, the last one filled with uncounted items when in lockstep."""
+        return [(item, True) for item in items]
 
     def on_main(self, fn: Callable[[], T]) -> T | None:
         """Run `fn` on rank 0 only; an error there is raised on every rank."""
@@ -169,6 +174,7 @@ class Group(Local):
     """A torch.distributed process group: this process is `rank` of `size`."""
 
     main = False
+    lockstep = False  # True when every rank must run every forward (sharded weights are gathered in it)
 
     def __init__(self, timeout_s: float, owned: bool = False) -> None:
         self.owned = owned  # started here: `close` ends it
@@ -189,10 +195,13 @@ class Group(Local):
                 "the run stops here. Look at the other ranks' logs, then relaunch with --resume."
             ) from exc
 
-    def rounds(self, n: int) -> Iterator[int | None]:
+    def rounds(self, n: int) -> Iterator[tuple[int | None, bool]]:
         for start in range(0, n, self.size):
             index = start + self.rank
-            yield index if index < n else None
+            if index < n:
+                yield index, True
+            else:
+                yield (start if self.lockstep else None), False
 
     def gradient_sum(self, params: list[nn.Parameter]) -> GradientSum:
         return _GatheredSum(params, self)
@@ -207,8 +216,11 @@ class Group(Local):
         self.call(dist.all_reduce, t)
         return t.tolist()
 
-    def shard(self, items: list[T]) -> list[T]:
-        return items[self.rank :: self.size]
+    def shard(self, items: list[T]) -> list[tuple[T, bool]]:
+        mine = [(item, True) for item in items[self.rank :: self.size]]
+        if self.lockstep and items:
+            mine += [(items[0], False)] * (-(-len(items) // self.size) - len(mine))
+        return mine
 
     def on_main(self, fn: Callable[[], T]) -> T | None:
         result, error = None, None
@@ -255,6 +267,25 @@ def digest_of(tensors: list[tuple[str, torch.Tensor]]) -> str:
             h.update(data.view(-1).view(torch.uint8).numpy().tobytes() if data.dtype != torch.bool
                      else data.numpy().tobytes())
     return h.hexdigest()
+
+
+def torchrun_command(nproc: int, qlorafit_args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The torchrun launch of `qlorafit <qlorafit_args>` on `nproc` local processes, and its environment.
+
+    On CPUs each process gets its share of the cores (OMP_NUM_THREADS, unless already set):
+    torchrun alone would give each one thread.
+    """
+    env = dict(os.environ)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "qlorafit", *qlorafit_args]
+    return command, env
+
+
+def is_main_process() -> bool:
+    """False in the processes torchrun started with a RANK other than 0."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def launched() -> bool:

@@ -121,7 +121,9 @@ def evaluate_loss(model: nn.Module, data: Dataset, cfg: TrainConfig, run: Run, w
     world = world or Local()
     bs = cfg.batch_size
     batches = [data.examples[i : i + bs] for i in range(0, len(data.examples), bs)]
-    total, tokens = world.sum(list(loss_totals(model, world.shard(batches), run.pad_id)))
+    mine = world.shard(batches)
+    loss_totals(model, [b for b, counts in mine if not counts], run.pad_id)  # in step with the others only
+    total, tokens = world.sum(list(loss_totals(model, [b for b, counts in mine if counts], run.pad_id)))
     result = loss_metrics(total, int(tokens))
     return {"eval_loss": result["loss"], "eval_ppl": result["perplexity"], "eval_tokens": result["tokens"]}
 
@@ -143,7 +145,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro, max_gr
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device if params else torch.device("cpu")
     summed = world.gradient_sum(params)
-    for j in world.rounds(len(micro)):
+    for j, counts in world.rounds(len(micro)):
         loss = None
         if j is not None:
             with seeded(seeds[j], device) if seeds is not None else contextlib.nullcontext():
@@ -151,7 +153,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro, max_gr
                 (loss_sum / max(tokens, 1)).backward()
             release_kept_outputs(model)
             loss = float(loss_sum.detach())
-        summed.add(j, loss)
+        summed.add(j if counts else None, loss if counts else None)
     total = summed.total()
     grads = [p.grad for p in params if p.grad is not None]
     finite = math.isfinite(total) and all(bool(torch.isfinite(g).all()) for g in grads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from ..models.load import load_model
 from ..plan import device_memory, plan, shape_from_config
 from ..sysmem import rss_bytes
 from .distributed import init_world
+from .fsdp import code_bytes, shard_base
 from .loop import Run, enable_grad_checkpointing, train
 from .plot import plot_losses
 
@@ -57,13 +59,21 @@ def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def use_grad_checkpointing(config: RunConfig, model) -> str:
-    """"off", "full" or "selective": the config's choice; for `auto`, the least recomputation that fits."""
+def _available(model, processes: int) -> tuple[str, int]:
+    """(device kind, bytes one process may use): a GPU each, or a share of this machine's memory."""
+    kind = "cuda" if next(model.parameters()).device.type == "cuda" else "cpu"
+    if kind == "cuda":
+        return kind, device_memory(kind)
+    return kind, (device_memory(kind) + rss_bytes() * processes) // processes
+
+
+def use_grad_checkpointing(config: RunConfig, model, processes: int = 1) -> str:
+    """"off", "full" or "selective": the config's choice; for `auto`, the least recomputation that
+    fits (in a 1/`processes` share of this machine's memory on CPUs)."""
     choice = config.train.grad_checkpointing
     if choice != "auto":
         return {True: "full", False: "off"}.get(choice, choice)
-    kind = "cuda" if next(model.parameters()).device.type == "cuda" else "cpu"
-    available = device_memory(kind) + (rss_bytes() if kind == "cpu" else 0)
+    kind, available = _available(model, processes)
     for mode in ("off", "selective"):
         result = plan(shape_from_config(model.config), method="lora" if config.quant.type == "none" else "qlora",
                       batch=config.train.batch_size, seq=config.data.max_length, rank=config.lora.r,
@@ -75,6 +85,26 @@ def use_grad_checkpointing(config: RunConfig, model) -> str:
         if result.fits:
             return mode
     return "full"
+
+
+def choose_strategy(config: RunConfig, model, devices: int, processes: int, mode: str) -> str:
+    """"ddp" or "fsdp" for `devices` processes (`processes` of them on this machine) training with
+    checkpointing `mode`: the config's choice; for `auto`, ddp when the memory planner says the
+    whole base fits each device, else fsdp."""
+    choice = config.train.distributed
+    if choice != "auto":
+        return choice
+    if config.quant.type == "none":
+        return "ddp"  # fsdp shards 4-bit codes
+    kind, available = _available(model, processes)
+    result = plan(shape_from_config(model.config), method="qlora", batch=config.train.batch_size,
+                  seq=config.data.max_length, rank=config.lora.r, optimizer=config.train.optimizer,
+                  grad_checkpointing=False if mode == "off" else mode, device=kind, available=available,
+                  dropout=config.lora.dropout, double_quant=config.quant.double_quant, blocksize=config.quant.blocksize,
+                  devices=devices, strategy="ddp")
+    logger.info("distributed auto: %.2f GiB planned per device with ddp, %.2f GiB available", result.total / 2**30,
+                available / 2**30)
+    return "ddp" if result.fits else "fsdp"
 
 
 def run_training(config: RunConfig, resume: bool = False, overwrite: bool = False,
@@ -105,9 +135,15 @@ def _run(config: RunConfig, resume: bool, overwrite: bool, on_log, world) -> dic
     lc = config.lora
     add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets, rslora=lc.rslora)
     world.check_same([*model.named_parameters(), *model.named_buffers()], "quantized base weights or initial adapters")
-    mode = use_grad_checkpointing(config, model)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))  # sharing this machine's memory
+    mode = use_grad_checkpointing(config, model, processes)
     if mode != "off":
         enable_grad_checkpointing(model, selective=mode == "selective")
+    if world.size > 1 and choose_strategy(config, model, world.size, processes, mode) == "fsdp":
+        shard_base(model, world.device, world.size)
+        world.lockstep = True
+        local, total = code_bytes(model)
+        logger.info("fsdp: this rank holds %.1f of %.1f MiB of 4-bit codes", local / 2**20, total / 2**20)
     d = config.data
     train_data = load_dataset(d.train, tokenizer, d.format, d.max_length, d.train_on)
     eval_data = load_dataset(d.eval, tokenizer, d.format, d.max_length, d.train_on) if d.eval else None
