@@ -111,7 +111,7 @@ def _cut(run: Path, to: Path) -> Path:
 def test_resume_across_world_sizes_ends_with_the_same_adapter(reference, tiny_chat_model_dir):
     tmp, one = reference
     two = _run(tmp, _tree(tiny_chat_model_dir, tmp, "two-for-resume"), 2)
-    for source, name, world in ((one, "one-to-two", 2), (two, "two-to-one", 1)):
+    for source, name, world in ((one, "one-to-two", 2), (two, "two-to-one", 1), (two, "two-to-three", 3)):
         cut = _cut(source, tmp / name)
         _run(tmp, _tree(tiny_chat_model_dir, tmp, name), world, resume=True)
         assert _adapter(cut) == _adapter(one), name

@@ -161,7 +161,7 @@ class _GatheredSum(GradientSum):
             j, value = meta.tolist()
             if j < 0:
                 continue
-            self.sum = grad.clone() if self.sum is None else self.sum.add_(grad)
+            self.sum = grad if self.sum is None else self.sum.add_(grad)
             self.loss += value
 
     def total(self) -> float:
