@@ -160,3 +160,22 @@ def test_smollm2_alias_loads_and_answers(smollm2_path):
     # NF4 moves the logits a little, not the prediction.
     assert torch.equal(ours[0, -1].argmax(), theirs[0, -1].argmax())
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_on_layer_sees_each_decoder_layer_once_and_complete(arch, tiny_model_dir):
+    from qlorafit.models.load import layer_stack
+
+    seen = []
+
+    def on_layer(name, layer):
+        assert not [n for n, t in (*layer.named_parameters(), *layer.named_buffers()) if t.device.type == "meta"]
+        assert any(isinstance(m, Linear4bit) for m in layer.modules())
+        seen.append(name)
+
+    model, _ = qlorafit.load_model(tiny_model_dir(arch), quant="nf4", on_layer=on_layer)
+    stack_name, stack = layer_stack(model)
+    assert sorted(seen) == sorted(f"{stack_name}.{i}" for i in range(len(stack))) and len(seen) == len(set(seen))
+    plain, _ = qlorafit.load_model(tiny_model_dir(arch), quant="nf4")
+    ids = token_batch()
+    assert torch.equal(model(ids).logits, plain(ids).logits)  # the hook changes nothing by itself

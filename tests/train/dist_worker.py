@@ -46,18 +46,17 @@ def _faults(spec: dict, rank: int) -> None:
 
 
 def _report_shards(spec: dict, rank: int) -> None:
-    """Record (bytes of 4-bit codes this rank holds, bytes of all codes) once the base is sharded."""
-    from qlorafit.train import fsdp, run
+    """Record (bytes of 4-bit codes this rank holds, bytes of all codes) once the base is loaded."""
+    from qlorafit.train import run
 
-    original = run.shard_base
+    original = run.code_bytes
 
-    def shard_and_report(model, *args):
-        before = fsdp.code_bytes(model)
-        original(model, *args)
-        after = fsdp.code_bytes(model)
-        Path(spec["marker"]).with_name(f"shards-{rank}.json").write_text(json.dumps({"before": before, "after": after}))
+    def code_bytes_reported(model):
+        result = original(model)
+        Path(spec["marker"]).with_name(f"shards-{rank}.json").write_text(json.dumps(result))
+        return result
 
-    run.shard_base = shard_and_report
+    run.code_bytes = code_bytes_reported
 
 
 def main() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,11 +44,34 @@ def _quantizable(model: nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n not in heads}
 
 
-class _Streamer:
-    """Puts streamed tensors into an empty model, quantizing linear weights on arrival."""
+def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """(name, modules) of the model's stack of decoder layers: its ModuleList with the most parameters."""
+    best, size = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            n = sum(p.numel() for p in module.parameters())
+            if n > size:
+                best, size = (name, module), n
+    return best
 
-    def __init__(self, model: nn.Module, quant: str, double_quant: bool, blocksize: int, dtype: torch.dtype, device):
+
+def _loaded(module: nn.Module) -> bool:
+    return not any(t.device.type == "meta" for t in (*module.parameters(), *module.buffers()))
+
+
+class _Streamer:
+    """Puts streamed tensors into an empty model, quantizing linear weights on arrival.
+
+    `on_layer(name, layer)` is called once for each decoder layer, as soon as the last of its
+    tensors has arrived (what is left, when streaming ends).
+    """
+
+    def __init__(self, model: nn.Module, quant: str, double_quant: bool, blocksize: int, dtype: torch.dtype, device,
+                 on_layer: Callable[[str, nn.Module], None] | None = None):
         self.model, self.quant, self.dtype, self.device = model, quant, dtype, device
+        self.on_layer = on_layer
+        stack = layer_stack(model) if on_layer is not None else None
+        self.pending = {f"{stack[0]}.{i}": layer for i, layer in enumerate(stack[1])} if stack else {}
         self.qkw = dict(quant_type=quant, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype)
         self.targets = _quantizable(model) if quant != "none" else set()
         self.buffers = {n for n, _ in model.named_buffers()}
@@ -85,8 +109,26 @@ class _Streamer:
         else:
             set_tensor(self.model, name, tensor)
         del tensor
+        self._layer_done(name)
         if big:
             release_freed_memory()
+
+    def _layer_done(self, name: str) -> None:
+        parts = name.split(".")
+        for end in range(len(parts) - 1, 0, -1):
+            layer_name = ".".join(parts[:end])
+            if layer_name in self.pending:
+                layer = self.model.get_submodule(layer_name)  # put may have replaced its children
+                if _loaded(layer):
+                    del self.pending[layer_name]
+                    self.on_layer(layer_name, layer)
+                return
+
+    def finish(self) -> None:
+        """Hand over the layers whose last tensors never came (checked for completeness after)."""
+        for layer_name in list(self.pending):
+            del self.pending[layer_name]
+            self.on_layer(layer_name, self.model.get_submodule(layer_name))
 
     def _put_quantized(self, module_name: str, attr: str, tensor: torch.Tensor) -> None:
         module = self.model.get_submodule(module_name)
@@ -151,6 +193,7 @@ def load_model(
     device: str | torch.device = "auto",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    on_layer: Callable[[str, nn.Module], None] | None = None,
 ) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer, with linear layers stored as 4-bit (or not, quant="none").
 
@@ -158,7 +201,8 @@ def load_model(
     alias `smollm2-135m-instruct`, or a folder saved with bitsandbytes 4-bit weights. Pickled
     `pytorch_model*.bin` weights are read only with `allow_pickle=True` (and then with
     `torch.load(weights_only=True)`); model code shipped with a checkpoint runs only with
-    `trust_remote_code=True`.
+    `trust_remote_code=True`. `on_layer(name, layer)` is called once per decoder layer as soon as
+    it is loaded (sharding it across processes there keeps the whole base from ever being held).
     """
     if quant not in QUANT_CHOICES:
         raise ModelLoadError(f"unknown quant {quant!r}: use one of {', '.join(QUANT_CHOICES)}")
@@ -168,7 +212,7 @@ def load_model(
     dtype = resolve_compute_dtype(compute_dtype, device)
     source = resolve_model(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     model = empty_model(source.config, trust_remote_code=trust_remote_code)
-    streamer = _Streamer(model, quant, double_quant, blocksize, dtype, device)
+    streamer = _Streamer(model, quant, double_quant, blocksize, dtype, device, on_layer)
     used: set[str] = set()
     if source.kind == "bnb4bit":
         used = _load_prequantized(model, source, dtype, device)
@@ -178,6 +222,7 @@ def load_model(
         for name, converted in layout.convert(key, tensor):
             streamer.put(name, converted, file)
     layout.finish()
+    streamer.finish()
     model = _finish(model, str(source.path))
     model.name_or_path = str(source.name)
     model.qlorafit_source = source.describe(quant)

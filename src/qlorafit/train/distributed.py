@@ -111,8 +111,8 @@ class Local:
     def barrier(self) -> None:
         pass
 
-    def check_same(self, tensors: list[tuple[str, torch.Tensor]], what: str) -> None:
-        """Refuse to go on when the named `tensors` differ between ranks."""
+    def check_same(self, digest: str, what: str) -> None:
+        """Refuse to go on when the ranks' `digest`s (see `digest_of`) of `what` differ."""
 
     def close(self) -> None:
         pass
@@ -240,8 +240,7 @@ class Group(Local):
     def barrier(self) -> None:
         self.call(dist.barrier)
 
-    def check_same(self, tensors: list[tuple[str, torch.Tensor]], what: str) -> None:
-        digest = digest_of(tensors)
+    def check_same(self, digest: str, what: str) -> None:
         digests = [None] * self.size
         self.call(dist.all_gather_object, digests, digest)
         differ = [r for r, d in enumerate(digests) if d != digests[0]]

@@ -17,11 +17,13 @@ from ..errors import QlorafitError
 from ..fileio import atomic_write
 from ..lora.inject import add_lora
 from ..lora.peft_io import save_adapter
+from ..models.checkpoint import resolve_model
 from ..models.load import load_model
+from ..models.numerics import resolve_device
 from ..plan import device_memory, plan, shape_from_config
 from ..sysmem import rss_bytes
-from .distributed import init_world
-from .fsdp import code_bytes, shard_base
+from .distributed import digest_of, init_world
+from .fsdp import LayerSharder, code_bytes
 from .loop import Run, enable_grad_checkpointing, train
 from .plot import plot_losses
 
@@ -59,12 +61,15 @@ def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def _available(model, processes: int) -> tuple[str, int]:
-    """(device kind, bytes one process may use): a GPU each, or a share of this machine's memory."""
-    kind = "cuda" if next(model.parameters()).device.type == "cuda" else "cpu"
+def _available(kind: str, processes: int) -> int:
+    """Bytes one process may use: a GPU each, or a share of this machine's memory."""
     if kind == "cuda":
-        return kind, device_memory(kind)
-    return kind, (device_memory(kind) + rss_bytes() * processes) // processes
+        return device_memory(kind)
+    return (device_memory(kind) + rss_bytes() * processes) // processes
+
+
+def _kind(model) -> str:
+    return "cuda" if next(model.parameters()).device.type == "cuda" else "cpu"
 
 
 def use_grad_checkpointing(config: RunConfig, model, processes: int = 1) -> str:
@@ -73,7 +78,8 @@ def use_grad_checkpointing(config: RunConfig, model, processes: int = 1) -> str:
     choice = config.train.grad_checkpointing
     if choice != "auto":
         return {True: "full", False: "off"}.get(choice, choice)
-    kind, available = _available(model, processes)
+    kind = _kind(model)
+    available = _available(kind, processes)
     for mode in ("off", "selective"):
         result = plan(shape_from_config(model.config), method="lora" if config.quant.type == "none" else "qlora",
                       batch=config.train.batch_size, seq=config.data.max_length, rank=config.lora.r,
@@ -87,17 +93,22 @@ def use_grad_checkpointing(config: RunConfig, model, processes: int = 1) -> str:
     return "full"
 
 
-def choose_strategy(config: RunConfig, model, devices: int, processes: int, mode: str) -> str:
-    """"ddp" or "fsdp" for `devices` processes (`processes` of them on this machine) training with
-    checkpointing `mode`: the config's choice; for `auto`, ddp when the memory planner says the
-    whole base fits each device, else fsdp."""
+def choose_strategy(config: RunConfig, devices: int, processes: int) -> str:
+    """"ddp" or "fsdp" for `devices` processes (`processes` of them on this machine): the config's
+    choice; for `auto`, ddp when the memory planner says the whole base fits each device (with
+    the config's checkpointing, full when auto), else fsdp. Decided from the model's config alone,
+    before loading, so that an fsdp run never holds the whole base."""
     choice = config.train.distributed
     if choice != "auto":
         return choice
     if config.quant.type == "none":
         return "ddp"  # fsdp shards 4-bit codes
-    kind, available = _available(model, processes)
-    result = plan(shape_from_config(model.config), method="qlora", batch=config.train.batch_size,
+    source = resolve_model(config.model, allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
+    kind = resolve_device("auto").type
+    available = _available(kind, processes)
+    gc = config.train.grad_checkpointing
+    mode = "full" if gc in ("auto", True) else "off" if gc is False else gc
+    result = plan(shape_from_config(source.config), method="qlora", batch=config.train.batch_size,
                   seq=config.data.max_length, rank=config.lora.r, optimizer=config.train.optimizer,
                   grad_checkpointing=False if mode == "off" else mode, device=kind, available=available,
                   dropout=config.lora.dropout, double_quant=config.quant.double_quant, blocksize=config.quant.blocksize,
@@ -125,25 +136,27 @@ def run_training(config: RunConfig, resume: bool = False, overwrite: bool = Fals
 def _run(config: RunConfig, resume: bool, overwrite: bool, on_log, world) -> dict:
     out = Path(config.output_dir)
     world.on_main(lambda: prepare_output_dir(out, resume, overwrite))
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))  # sharing this machine's memory
+    strategy = choose_strategy(config, world.size, processes) if world.size > 1 else "single"
+    # every rank hashes each decoder layer as it loads (and under fsdp keeps only its shard)
+    layers = LayerSharder(world.device, world.size, shard=strategy == "fsdp") if world.size > 1 else None
     torch.manual_seed(config.train.seed)
     q = config.quant
     model, tokenizer = load_model(config.model, quant=q.type, double_quant=q.double_quant, blocksize=q.blocksize,
                                   compute_dtype=q.compute_dtype, allow_pickle=config.allow_pickle,
-                                  trust_remote_code=config.trust_remote_code)
+                                  trust_remote_code=config.trust_remote_code, on_layer=layers)
     if tokenizer is None:
         raise QlorafitError(f"{config.model}: has no tokenizer files, which training needs")
     lc = config.lora
     add_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets, rslora=lc.rslora)
-    world.check_same([*model.named_parameters(), *model.named_buffers()], "quantized base weights or initial adapters")
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))  # sharing this machine's memory
+    if layers is not None:
+        world.check_same(layers.model_digest(model), "quantized base weights or initial adapters")
+        world.lockstep = strategy == "fsdp"  # every rank joins every gather of the sharded codes
+        local, total = code_bytes(model)
+        logger.info("%s: this rank holds %.1f of %.1f MiB of 4-bit codes", strategy, local / 2**20, total / 2**20)
     mode = use_grad_checkpointing(config, model, processes)
     if mode != "off":
         enable_grad_checkpointing(model, selective=mode == "selective")
-    if world.size > 1 and choose_strategy(config, model, world.size, processes, mode) == "fsdp":
-        shard_base(model, world.device, world.size)
-        world.lockstep = True
-        local, total = code_bytes(model)
-        logger.info("fsdp: this rank holds %.1f of %.1f MiB of 4-bit codes", local / 2**20, total / 2**20)
     d = config.data
     train_data = load_dataset(d.train, tokenizer, d.format, d.max_length, d.train_on)
     eval_data = load_dataset(d.eval, tokenizer, d.format, d.max_length, d.train_on) if d.eval else None
@@ -151,7 +164,7 @@ def _run(config: RunConfig, resume: bool, overwrite: bool, on_log, world) -> dic
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run = Run(out, pad_id, d.max_length, d.packing, on_log if world.main else None)
     metrics = train(model, train_data, eval_data, config.train, run, resume=resume, world=world)
-    world.check_same([(n, p) for n, p in model.named_parameters() if p.requires_grad], "trained adapters")
+    world.check_same(digest_of([(n, p) for n, p in model.named_parameters() if p.requires_grad]), "trained adapters")
     summary = {"adapter": str(out / "adapter"), "metrics": str(out / "metrics.jsonl"), "plot": str(out / "loss.png"),
                "train_examples": len(train_data.examples), "truncated": train_data.truncated, **metrics}
 
