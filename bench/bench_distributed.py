@@ -67,17 +67,16 @@ def _ours(model_dir: str, strategy: str):
 
     from qlorafit import add_lora, load_model
     from qlorafit.train.distributed import dropout_seed, init_world
-    from qlorafit.train.fsdp import shard_base
+    from qlorafit.train.fsdp import LayerSharder
     from qlorafit.train.loop import enable_grad_checkpointing, train_step
 
     world = init_world()
     torch.manual_seed(0)
-    model, _ = load_model(model_dir, quant="nf4", compute_dtype="float32")
+    sharder = LayerSharder(world.device, world.size, shard=strategy == "fsdp") if world.size > 1 else None
+    model, _ = load_model(model_dir, quant="nf4", compute_dtype="float32", on_layer=sharder)  # as `qlorafit train`
+    world.lockstep = strategy == "fsdp" and world.size > 1
     add_lora(model, r=RANK, alpha=ALPHA, dropout=DROPOUT, targets="all-linear")
     enable_grad_checkpointing(model)
-    if strategy == "fsdp" and world.size > 1:
-        shard_base(model, world.device, world.size)
-        world.lockstep = True
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
 
@@ -145,6 +144,7 @@ def worker(stack: str, model_dir: str, batches_file: str, steps: int, warmup: in
     start = time.perf_counter()
     rank, size, step, world = (_ours if stack == "qlorafit" else _peer)(model_dir, strategy)
     load_s = time.perf_counter() - start
+    peak_load = _hwm_mib()
     times = []
     for i in range(warmup + steps):
         micro = _micro_batches(batches_file, i)
@@ -155,7 +155,8 @@ def worker(stack: str, model_dir: str, batches_file: str, steps: int, warmup: in
         if dist.is_initialized():
             dist.barrier()
         times.append(time.perf_counter() - t)
-    result = {"rank": rank, "peak_rss_mib": _hwm_mib(), "load_s": load_s, "step_s": times[warmup:],
+    result = {"rank": rank, "peak_rss_mib": _hwm_mib(), "peak_load_mib": peak_load, "load_s": load_s,
+              "step_s": times[warmup:],
               "threads": torch.get_num_threads()}
     results = [result]
     if dist.is_initialized():
@@ -215,12 +216,27 @@ def markdown(rows: list[dict], info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_only(model_dir: Path, batches: Path) -> None:
+    """Peak RSS per rank of loading `model_dir` on 2 processes, whole (ddp) and sharded while loading (fsdp)."""
+    rows = []
+    for strategy in ("ddp", "fsdp"):
+        r = run(Path(sys.executable), "qlorafit", 2, strategy, model_dir, batches, 0, 0)
+        rows.append({"strategy": strategy, "peak_load_mib": max(x["peak_load_mib"] for x in r["ranks"]),
+                     "load_s": max(x["load_s"] for x in r["ranks"])})
+        print(f"{strategy}: peak RSS per rank while loading {rows[-1]['peak_load_mib']:.0f} MiB, "
+              f"{rows[-1]['load_s']:.0f} s", flush=True)
+    (OUT / "distributed-load.json").write_text(json.dumps({"model": str(model_dir), "rows": rows,
+                                                           "date": time.strftime("%Y-%m-%d"), "src": src_digest()}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--procs", default="1,2")
     parser.add_argument("--stacks", default="qlorafit,peer")
+    parser.add_argument("--load-only", metavar="FOLDER",
+                        help="only load this model on 2 processes with ddp and with fsdp: peak RSS per rank")
     parser.add_argument("--worker")
     parser.add_argument("--model-dir")
     parser.add_argument("--batches")
@@ -235,6 +251,9 @@ def main() -> None:
     work = OUT / "train"
     work.mkdir(parents=True, exist_ok=True)
     model_dir, batches = prepare(work, 8)
+    if args.load_only:
+        load_only(Path(args.load_only), batches)
+        return
     stacks = args.stacks.split(",")
     peer_python = ensure_peer_venv() if "peer" in stacks else None
     runs = []
