@@ -122,3 +122,11 @@ def test_paged_8bit_optimizer_run_equals_in_memory_8bit_and_cleans_up(tiny_chat_
         run_training(cut, on_log=stop)
     run_training(cut, resume=True)
     assert (tmp_path / "resumed" / "adapter" / "adapter_model.safetensors").read_bytes() == adapters["adamw8bit"]
+
+
+def test_paged_adamw_run_equals_adamw_bit_for_bit(tiny_chat_model_dir, tmp_path):
+    adapters = {}
+    for name in ("adamw", "paged_adamw"):
+        run_training(_config(tiny_chat_model_dir, tmp_path, out=name, max_steps=3, optimizer=name, weight_decay=0.01))
+        adapters[name] = (tmp_path / name / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert adapters["adamw"] == adapters["paged_adamw"]

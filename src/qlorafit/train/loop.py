@@ -84,10 +84,12 @@ def labelled_tokens(data: Dataset, batch: list[list[int]]) -> int:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, output_dir: Path, rank: int = 0) -> torch.optim.Optimizer:
-    """The optimizer `cfg.optimizer` names, over the trainable parameters (paged: one folder per rank)."""
+    """The optimizer `cfg.optimizer` names, over the trainable parameters (paged: one folder per rank).
+
+    All four are `optim.AdamW`: adamw computes exactly as torch.optim.AdamW on float32 moments,
+    and its paged form gives the same results bit for bit (the state only lives elsewhere).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     bits = 8 if cfg.optimizer.endswith("8bit") else 32
     paged = output_dir / "optimizer-pages" / f"rank-{rank}" if cfg.optimizer.startswith("paged_") else None
     return AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, bits=bits, paged=paged)

@@ -17,7 +17,6 @@ in-memory runs give identical results. The files are removed by `close()`.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from pathlib import Path
@@ -121,12 +120,17 @@ class AdamW(torch.optim.Optimizer):
                 grad = p.grad.reshape(-1).float()
                 state["step"] += 1
                 step = float(state["step"])
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                # torch.optim.AdamW's operations, in its order, so that float32 results are its own
+                if group["weight_decay"] != 0:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                m.lerp_(grad, 1 - beta1)
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
-                update = (m / denom).mul_(group["lr"] / (1 - beta1**step))
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.sub_(update.view_as(p).to(p.dtype))
+                denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
+                step_size = group["lr"] / (1 - beta1**step)
+                if p.dtype == torch.float32:
+                    p.view(-1).addcdiv_(m, denom, value=-step_size)
+                else:
+                    p.copy_((p.float().view(-1).addcdiv_(m, denom, value=-step_size)).view_as(p).to(p.dtype))
                 if quantized:
                     self._store(work, m, v)
                 for k, t in work.items():
@@ -135,16 +139,14 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore state; paged tensors go back into their memory maps."""
+        """Restore state (flat moments; torch.optim.AdamW's, shaped like the parameters, are
+        flattened); paged tensors go back into their memory maps."""
         super().load_state_dict(state_dict)
-        if self.pager.folder is None:
-            return
         for state in self.state.values():
             for key, value in list(state.items()):
                 if key != "step" and isinstance(value, torch.Tensor):
-                    paged = self.pager.zeros(value.numel(), value.dtype, value.device)
-                    paged.copy_(value.reshape(-1))
-                    state[key] = paged
+                    flat = self.pager.zeros(value.numel(), value.dtype, value.device) if self.pager.folder else None
+                    state[key] = flat.copy_(value.reshape(-1)) if flat is not None else value.reshape(-1)
 
     def close(self) -> None:
         """Remove the paged state files (the optimizer is unusable afterwards)."""
