@@ -89,6 +89,7 @@ def _torchrun(args: argparse.Namespace) -> None:
     argv = (["-v"] if args.verbose else []) + ([f"--allocator={args.allocator}"] if args.allocator else [])
     argv += ["train", args.config, *(f"--set={s}" for s in args.set)]
     argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+    argv += ["--allow-config-change"] * args.allow_config_change
     command, env = torchrun_command(args.nproc, argv)
     sys.stdout.flush()
     os.execvpe(command[0], command, env)
@@ -106,7 +107,8 @@ def _train(args: argparse.Namespace) -> None:
         _torchrun(args)
     progress = _Progress()
     try:
-        summary = run_training(config, resume=args.resume, overwrite=args.overwrite, on_log=progress)
+        summary = run_training(config, resume=args.resume, overwrite=args.overwrite, on_log=progress,
+                               allow_config_change=args.allow_config_change)
     finally:
         progress.close()
     if not is_main_process():
@@ -316,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="with --resume: continue even though settings or training data changed (no longer exact)")
     train.add_argument("--nproc", type=int, metavar="N",
                        help="train on N processes of this machine (starts torchrun; one per GPU, or sharing the cores)")
     train.set_defaults(func=_train)

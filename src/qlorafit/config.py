@@ -9,6 +9,7 @@ and the nearest valid key; every problem in a file is reported at once.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -216,6 +217,43 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
     for item in overrides:
         _set_path(tree, *parse_override(item))
     return build_config(tree, where, lines)
+
+
+# keys that change where and how often a run reports or saves, never the adapter it trains
+_NOT_RESULTS = {"output_dir", "allow_pickle", "trust_remote_code", "data.train", "data.eval", "train.log_every",
+                "train.eval_every",
+                "train.save_every", "train.keep_last", "train.max_bad_steps", "train.distributed",
+                "train.distributed_timeout"}
+
+
+def fingerprint(config: RunConfig) -> dict[str, Any]:
+    """Everything that decides the adapter a run trains: the configuration's result keys (dotted
+    names) and the sha256 of the training data file (not its path: moving the file changes
+    nothing). A run resumes exactly only under the same one."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
+        elif prefix not in _NOT_RESULTS:
+            flat[prefix] = node
+
+    walk(config.model_dump(), "")
+    train = Path(config.data.train)
+    if train.is_file():
+        digest = hashlib.sha256()
+        with open(train, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        flat["data.train (sha256)"] = digest.hexdigest()
+    return flat
+
+
+def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key: saved -> current' for every key whose value differs."""
+    return [f"{k}: {saved.get(k, '(absent)')!r} -> {current.get(k, '(absent)')!r}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
 
 
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:

@@ -1,6 +1,7 @@
 """run_training end to end on a tiny model: outputs, refusal to clobber, exact resume, determinism."""
 
 import json
+import shutil
 
 import pytest
 
@@ -130,3 +131,37 @@ def test_paged_adamw_run_equals_adamw_bit_for_bit(tiny_chat_model_dir, tmp_path)
         run_training(_config(tiny_chat_model_dir, tmp_path, out=name, max_steps=3, optimizer=name, weight_decay=0.01))
         adapters[name] = (tmp_path / name / "adapter" / "adapter_model.safetensors").read_bytes()
     assert adapters["adamw"] == adapters["paged_adamw"]
+
+
+def test_resume_under_a_changed_config_or_data_is_refused_unless_allowed(tiny_chat_model_dir, tmp_path):
+    cfg = _config(tiny_chat_model_dir, tmp_path, out="changed", max_steps=4, save_every=2)
+
+    def stop_at_3(row):
+        if row.get("step") == 3 and "loss" in row:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, on_log=stop_at_3)
+    same = _config(tiny_chat_model_dir, tmp_path, out="changed", max_steps=4, save_every=2, log_every=2)
+    changed = _config(tiny_chat_model_dir, tmp_path, out="changed", max_steps=4, save_every=2, lr=1e-3)
+    with pytest.raises(QlorafitError, match=r"another configuration .*train\.lr: 0\.005 -> 0\.001.*--allow-config-change"):
+        run_training(changed, resume=True)
+    with open(tmp_path / "train.jsonl", "a") as f:  # the data changed too
+        f.write(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(QlorafitError, match=r"data\.train \(sha256\)"):
+        run_training(same, resume=True)
+    assert sorted(p.name for p in (tmp_path / "changed" / "checkpoints").iterdir()) == ["step-2"]  # nothing lost
+    run_training(changed, resume=True, allow_config_change=True)
+    assert (tmp_path / "changed" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_reporting_settings_do_not_block_an_exact_resume(tiny_chat_model_dir, tmp_path):
+    cfg = _config(tiny_chat_model_dir, tmp_path, out="a", max_steps=4, save_every=2)
+    run_training(cfg)
+    (tmp_path / "a" / "adapter").rename(tmp_path / "a-adapter")
+    shutil.rmtree(tmp_path / "a" / "checkpoints" / "step-4")
+    later = _config(tiny_chat_model_dir, tmp_path, out="a", max_steps=4, save_every=1, log_every=2, eval_every=1,
+                    keep_last=3, max_bad_steps=2)
+    run_training(later, resume=True)
+    assert (tmp_path / "a" / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "a-adapter" / "adapter_model.safetensors").read_bytes()

@@ -74,8 +74,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, model, optimizer, scheduler, position: Position, keep_last: int) -> Path:
+def save_checkpoint(root: Path, model, optimizer, scheduler, position: Position, keep_last: int,
+                    fingerprint: dict | None = None) -> Path:
     """Write `root/step-N` atomically and remove all but the newest `keep_last` checkpoints.
+
+    `fingerprint` (`config.fingerprint`) records what the run's results depend on, for `--resume`
+    to compare.
 
     If writing fails (a full disk, a quota), the partial folder is removed, every earlier
     checkpoint is left as it was, and a CheckpointError says what happened.
@@ -87,7 +91,7 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, position: Position,
     try:
         save_adapter(model, tmp)
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_state(), "position": asdict(position)}
+                 "rng": rng_state(), "position": asdict(position), "fingerprint": fingerprint}
         torch.save(state, tmp / "state.pt")
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         (tmp / "manifest.json").write_text(json.dumps({"step": position.step, "files": files}, indent=2))
@@ -160,6 +164,14 @@ def latest_checkpoint(root: Path) -> Path | None:
             return folder
         logger.warning("skipping checkpoint %s: %s", folder, problem)
     return None
+
+
+def read_fingerprint(folder: Path) -> dict | None:
+    """The fingerprint a checkpoint was saved with (None: none recorded)."""
+    try:
+        return torch.load(folder / "state.pt", weights_only=True).get("fingerprint")
+    except Exception as exc:
+        raise CheckpointError(f"{folder / 'state.pt'}: cannot be read ({exc})") from exc
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> Position:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import TrainConfig, fingerprint_changes
 from ..data.batches import batch_order, pack_rows, packed_batch, pad_batch
 from ..data.dataset import Dataset
 from ..errors import TrainingError, TrainingInterrupted
@@ -31,7 +31,14 @@ from ..evaluate import loss_metrics, loss_totals
 from ..fileio import atomic_write
 from ..lora.layer import keep_base_outputs, release_kept_outputs
 from ..quant.blockwise import dequant_workspace
-from .checkpoint import Position, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from .checkpoint import (
+    Position,
+    latest_checkpoint,
+    load_checkpoint,
+    read_fingerprint,
+    remove_partial,
+    save_checkpoint,
+)
 from .distributed import Local, dropout_seed, seeded
 from .loss import IGNORE, causal_lm_loss
 from .optim import AdamW
@@ -49,6 +56,8 @@ class Run:
     max_length: int
     packing: bool = False
     on_log: Callable[[dict], None] | None = None
+    fingerprint: dict | None = None  # what the results depend on (config.fingerprint), saved in checkpoints
+    allow_changes: bool = False  # resume even when the fingerprint differs (no longer exact)
 
 
 def epoch_batches(data: Dataset, cfg: TrainConfig, run: Run, epoch: int) -> list[list[list[int]]]:
@@ -195,12 +204,32 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
+def _check_fingerprint(run: Run, folder: Path) -> None:
+    """Refuse to resume under another configuration or data: the result would not be exact."""
+    saved = read_fingerprint(folder)
+    if run.fingerprint is None or saved is None:
+        return
+    changes = fingerprint_changes(saved, run.fingerprint)
+    if not changes:
+        return
+    listed = "; ".join(changes[:12]) + (f"; ... ({len(changes)} in all)" if len(changes) > 12 else "")
+    if run.allow_changes:
+        logger.warning("resuming %s under a changed configuration (%s): the result will not be the one the "
+                       "uninterrupted run would have given", folder, listed)
+        return
+    raise TrainingError(
+        f"{folder}: was saved under another configuration or training data ({listed}); resuming would not continue "
+        "the same run. Restore the settings, or pass --allow-config-change to resume anyway (not exact)"
+    )
+
+
 def _resume(run: Run, model, optimizer, scheduler, world: Local) -> Position:
     folder = latest_checkpoint(run.output_dir / "checkpoints")
     if folder is None:
         logger.warning("%s: no complete checkpoint to resume from; starting at step 0", run.output_dir)
         position = Position()
     else:
+        _check_fingerprint(run, folder)
         position = load_checkpoint(folder, model, optimizer, scheduler)
         logger.info("resuming from %s (step %d)", folder, position.step)
 
@@ -272,7 +301,8 @@ def _train(model, optimizer, train_data, eval_data, cfg: TrainConfig, run: Run, 
     checkpoints = run.output_dir / "checkpoints"
 
     def save() -> Path | None:
-        return world.on_main(lambda: save_checkpoint(checkpoints, model, optimizer, scheduler, position, cfg.keep_last))
+        return world.on_main(lambda: save_checkpoint(checkpoints, model, optimizer, scheduler, position, cfg.keep_last,
+                                                     run.fingerprint))
 
     def log(row: dict) -> None:
         if world.main:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, save_config
+from ..config import RunConfig, fingerprint, save_config
 from ..data.dataset import load_dataset
 from ..errors import QlorafitError
 from ..fileio import atomic_write
@@ -119,21 +119,23 @@ def choose_strategy(config: RunConfig, devices: int, processes: int) -> str:
 
 
 def run_training(config: RunConfig, resume: bool = False, overwrite: bool = False,
-                 on_log: Callable[[dict], None] | None = None) -> dict:
+                 on_log: Callable[[dict], None] | None = None, allow_config_change: bool = False) -> dict:
     """Load, adapt, train and save as the config says; returns paths and the final eval metrics.
 
     Under torchrun (or in a process group the caller started) every rank calls this: each
     loads and quantizes the base, the ranks check that they hold the same weights and adapter,
     share each step's micro-batches, and rank 0 alone writes files (`distributed.py`).
+    `resume` refuses a checkpoint saved under another configuration or training data unless
+    `allow_config_change` (the result is then not the uninterrupted run's).
     """
     world = init_world(config.train.distributed_timeout)
     try:
-        return _run(config, resume, overwrite, on_log, world)
+        return _run(config, resume, overwrite, on_log, world, allow_config_change)
     finally:
         world.close()
 
 
-def _run(config: RunConfig, resume: bool, overwrite: bool, on_log, world) -> dict:
+def _run(config: RunConfig, resume: bool, overwrite: bool, on_log, world, allow_config_change: bool) -> dict:
     out = Path(config.output_dir)
     world.on_main(lambda: prepare_output_dir(out, resume, overwrite))
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))  # sharing this machine's memory
@@ -162,7 +164,8 @@ def _run(config: RunConfig, resume: bool, overwrite: bool, on_log, world) -> dic
     eval_data = load_dataset(d.eval, tokenizer, d.format, d.max_length, d.train_on) if d.eval else None
     world.on_main(lambda: save_config(config, out / "config.yaml"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    run = Run(out, pad_id, d.max_length, d.packing, on_log if world.main else None)
+    run = Run(out, pad_id, d.max_length, d.packing, on_log if world.main else None, fingerprint(config),
+              allow_config_change)
     metrics = train(model, train_data, eval_data, config.train, run, resume=resume, world=world)
     world.check_same(digest_of([(n, p) for n, p in model.named_parameters() if p.requires_grad]), "trained adapters")
     summary = {"adapter": str(out / "adapter"), "metrics": str(out / "metrics.jsonl"), "plot": str(out / "loss.png"),
