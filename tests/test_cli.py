@@ -1,5 +1,7 @@
 """The command line: merge end to end on a tiny model, errors as messages."""
 
+import json
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -86,3 +88,35 @@ def test_every_subcommand_has_help(capsys):
             main([*command, "--help"])
         assert exc.value.code == 0
         assert "usage: qlorafit" in capsys.readouterr().out
+
+
+def test_demo_keeps_an_interrupted_run_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import qlorafit.demo as demo
+    from qlorafit.errors import TrainingInterrupted
+
+    out = tmp_path / "demo"
+    (out / "run" / "checkpoints" / "step-3").mkdir(parents=True)
+    assert main(["demo", "--out", str(out)]) == 2  # refused before any model is loaded
+    err = capsys.readouterr().err
+    assert "interrupted demo run" in err and "qlorafit demo --resume" in err
+    assert (out / "run" / "checkpoints" / "step-3").is_dir()
+
+    def interrupted(*args, **kwargs):
+        raise TrainingInterrupted("SIGINT received: stopped after step 3 of 25 and saved X; continue with the same "
+                                  "command plus --resume", 2)
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    assert main(["demo", "--out", str(out), "--steps", "9"]) == 130
+    err = capsys.readouterr().err
+    assert "stopped after step 3 of 25 and saved X; continue with: qlorafit demo --resume" in err
+    assert f"--out {out} --steps 9" in err
+
+
+def test_demo_resume_reads_the_base_score_back(tmp_path):
+    from qlorafit.demo import _accuracy
+
+    path = tmp_path / "predictions-before.jsonl"
+    path.write_text("".join(json.dumps({"correct": c}) + "\n" for c in (True, False, False, True)))
+    assert _accuracy(path) == 0.5
+    path.write_text('{"correct": true}\n{"corr')  # cut short: evaluated again
+    assert _accuracy(path) is None and _accuracy(tmp_path / "missing.jsonl") is None

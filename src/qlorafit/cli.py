@@ -11,6 +11,7 @@ from pathlib import Path
 from .allocator import ALLOCATORS, preload_allocator
 from .errors import QlorafitError, TrainingInterrupted
 
+DEMO_OUT, DEMO_STEPS = "runs/demo", 25
 MODEL_HELP = "HF model folder, .gguf file, bitsandbytes 4-bit folder, or alias (smollm2-135m-instruct)"
 
 
@@ -253,7 +254,13 @@ def _demo(args: argparse.Namespace) -> None:
         progress.write(text)
 
     try:
-        result = run_demo(Path(args.out), args.steps, on_status=status, on_log=progress, on_progress=eval_bar)
+        result = run_demo(Path(args.out), args.steps, on_status=status, on_log=progress, on_progress=eval_bar,
+                          resume=args.resume, overwrite=args.overwrite)
+    except TrainingInterrupted as exc:
+        command = sys.argv[0] if Path(sys.argv[0]).name == "qlorafit" else "qlorafit"
+        again = f"{command} demo --resume" + (f" --out {args.out}" if args.out != DEMO_OUT else "") + \
+            (f" --steps {args.steps}" if args.steps != DEMO_STEPS else "")
+        raise TrainingInterrupted(f"{str(exc).split(';')[0]}; continue with: {again}", exc.signum) from exc
     finally:
         eval_bar.close()
         progress.close()
@@ -390,8 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_plan)
 
     demo = sub.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct on a bundled task; accuracy before/after")
-    demo.add_argument("--out", default="runs/demo", help="folder for data, run and predictions (default runs/demo)")
-    demo.add_argument("--steps", type=int, default=25, help="optimizer steps (default 25)")
+    demo.add_argument("--out", default=DEMO_OUT, help=f"folder for data, run and predictions (default {DEMO_OUT})")
+    demo.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"optimizer steps (default {DEMO_STEPS})")
+    demo.add_argument("--resume", action="store_true", help="continue an interrupted demo from its last checkpoint")
+    demo.add_argument("--overwrite", action="store_true", help="start over, replacing an interrupted demo run")
     demo.set_defaults(func=_demo)
     return parser
 

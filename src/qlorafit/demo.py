@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import RunConfig, build_config
+from .errors import QlorafitError
 
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]
@@ -81,13 +82,31 @@ def demo_config(out: Path, steps: int = 25) -> RunConfig:
     })
 
 
+def interrupted_run(run_dir: Path) -> bool:
+    """True when `run_dir` holds checkpoints of a run that did not finish (no summary.json)."""
+    return (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()) and \
+        not (run_dir / "summary.json").is_file()
+
+
+def _accuracy(path: Path) -> float | None:
+    """The exact match recorded in a predictions file, or None if there is no complete one."""
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return sum(bool(r["correct"]) for r in rows) / len(rows) if rows else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def run_demo(out: Path, steps: int = 25, on_status: Callable[[str], None] = lambda s: None,
              on_log: Callable[[dict], None] | None = None,
-             on_progress: Callable[[int, int], None] | None = None) -> dict:
+             on_progress: Callable[[int, int], None] | None = None, resume: bool = False,
+             overwrite: bool = False) -> dict:
     """Held-out exact match before and after a short QLoRA run; returns the figures and paths.
 
     `on_status(text)` hears of each phase, `on_log(row)` gets the training log rows and
     `on_progress(done, total)` counts the held-out examples answered in each evaluation.
+    A demo interrupted during training continues with `resume` (the base model's score is read
+    back); running it again without `resume` or `overwrite` is refused rather than deleting it.
     """
     from .data.records import read_records
     from .evaluate import exact_match, write_predictions
@@ -96,14 +115,20 @@ def run_demo(out: Path, steps: int = 25, on_status: Callable[[str], None] = lamb
     from .train.run import run_training
 
     config = demo_config(out, steps)
+    run_dir = Path(config.output_dir)
+    if interrupted_run(run_dir) and not (resume or overwrite):
+        raise QlorafitError(f"{run_dir}: holds an interrupted demo run; continue it with `qlorafit demo --resume`, "
+                            "or start over with `qlorafit demo --overwrite`")
     held_out = read_records(config.data.eval)
-    on_status(f"evaluating the base model on {len(held_out)} held-out examples")
-    model, tokenizer = load_model(config.model, quant="nf4")
-    before, predictions = exact_match(model, tokenizer, held_out, max_new_tokens=48, on_progress=on_progress)
-    write_predictions(out / "predictions-before.jsonl", predictions)
+    before = _accuracy(out / "predictions-before.jsonl") if resume else None
+    if before is None:
+        on_status(f"evaluating the base model on {len(held_out)} held-out examples")
+        model, tokenizer = load_model(config.model, quant="nf4")
+        before, predictions = exact_match(model, tokenizer, held_out, max_new_tokens=48, on_progress=on_progress)
+        write_predictions(out / "predictions-before.jsonl", predictions)
+        del model
     on_status(f"base model exact match: {before:.0%}; fine-tuning for {steps} steps")
-    del model
-    summary = run_training(config, overwrite=True, on_log=on_log)
+    summary = run_training(config, resume=resume and run_dir.is_dir(), overwrite=not resume, on_log=on_log)
     model, tokenizer = load_model(config.model, quant="nf4")
     load_adapter(model, summary["adapter"])
     on_status("evaluating the fine-tuned model")
