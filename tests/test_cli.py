@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -120,3 +121,53 @@ def test_demo_resume_reads_the_base_score_back(tmp_path):
     assert _accuracy(path) == 0.5
     path.write_text('{"correct": true}\n{"corr')  # cut short: evaluated again
     assert _accuracy(path) is None and _accuracy(tmp_path / "missing.jsonl") is None
+
+
+def test_unwritable_places_are_errors_that_say_what_to_do(tiny_chat_model_dir, tmp_path, capsys):
+    config = _yaml_config(tmp_path, tiny_chat_model_dir)
+    unmakeable = "/proc/qlorafit-cannot-exist/out"
+    for out, says in ((unmakeable, "cannot be written"), (str(config), "is a file, not a folder")):
+        assert main(["train", str(config), "--set", f"output_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert f"qlorafit: error: {out}: {says}" in err and "Traceback" not in err
+    model = str(tiny_chat_model_dir)
+    assert main(["eval", "--model", model, "--data", str(tmp_path / "eval.jsonl"), "--metric", "exact_match",
+                 "--max-new-tokens", "2", "--out", "/proc/qlorafit-preds.jsonl"]) == 2
+    assert "/proc/qlorafit-preds.jsonl: cannot be written" in capsys.readouterr().err
+    (tmp_path / "in-the-way").write_text("a file")
+    adapted, _ = qlorafit.load_model(model)
+    qlorafit.add_lora(adapted, r=2)
+    qlorafit.save_adapter(adapted, tmp_path / "adapter")
+    assert main(["merge", "--model", model, "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "in-the-way" / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'in-the-way' / 'merged'}: cannot be written" in err and "Traceback" not in err
+    assert (tmp_path / "in-the-way").read_text() == "a file"
+
+
+def test_a_full_disk_while_logging_metrics_stops_with_the_checkpoints_intact(tiny_chat_model_dir, tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    import qlorafit.train.loop as loop
+    from qlorafit.config import load_config
+    from qlorafit.errors import WriteError
+    from qlorafit.train.run import run_training
+
+    config = load_config(_yaml_config(tmp_path, tiny_chat_model_dir), ["train.max_steps=4", "train.save_every=2"])
+    real_open = builtins.open
+
+    def full_after_step_2(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and "a" in mode and (tmp_path / "out" / "checkpoints" / "step-2").is_dir():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "open", full_after_step_2, raising=False)
+    with pytest.raises(WriteError, match=r"metrics\.jsonl: cannot be written \(the disk is full\); free space .*--resume"):
+        run_training(config)
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-2"]
+    monkeypatch.undo()
+    run_training(config, resume=True)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]

@@ -425,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     except QlorafitError as exc:
         print(f"qlorafit: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file problem outside qlorafit's own checks: still a message, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"qlorafit: error: {where}{exc.strerror or exc}; check the path, its permissions and the free space",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nqlorafit: interrupted", file=sys.stderr)
         return 130

@@ -5,8 +5,29 @@ command line can print the message as it is and a library user can catch one bas
 """
 
 
+import errno
+
+
 class QlorafitError(Exception):
     """Base class of every error qlorafit raises on bad input."""
+
+
+class WriteError(QlorafitError, OSError):
+    """A file or folder that cannot be written: no permission, a full disk, a file in the way."""
+
+
+_REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+            errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+            errno.EROFS: "read-only file system", errno.ENOTDIR: "a file is in the way of a folder",
+            errno.EISDIR: "it is a folder", errno.ENOENT: "no such folder, and it cannot be made"}
+
+
+def cannot_write(path, exc: OSError, advice: str = "choose a place you can write to, with enough free space") -> WriteError:
+    """A WriteError naming `path`, why writing it failed (from `exc`), and `advice`."""
+    if isinstance(exc, WriteError):
+        return exc
+    reason = _REASONS.get(exc.errno, exc.strerror or str(exc))
+    return WriteError(f"{path}: cannot be written ({reason}); {advice}")
 
 
 class QuantizationError(QlorafitError, ValueError):

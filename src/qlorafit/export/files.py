@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import ExportError
+from ..errors import ExportError, cannot_write
 from ..fileio import atomic_write
 
 
@@ -14,6 +14,5 @@ def write_file(path: Path, write: Callable[[Path], object]) -> Path:
     path, and no partial file is left behind (the temporary file is removed)."""
     try:
         return atomic_write(path, write)
-    except OSError as exc:
-        raise ExportError(f"{path}: cannot write the file ({exc.strerror or exc}); choose a path in a folder you "
-                          "can write to, with enough free space") from exc
+    except OSError as exc:  # atomic_write's WriteError, or an OSError of `write`
+        raise ExportError(str(cannot_write(path, exc))) from exc

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..errors import QlorafitError
+from ..errors import QlorafitError, cannot_write
 
 SHARD_BYTES = 2 * 1024**3
 
@@ -57,8 +57,8 @@ def write_hf_folder(
         raise QlorafitError(f"{directory}: exists and is not empty; choose another folder or pass overwrite=True")
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         write_shards(tensors, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
@@ -66,6 +66,9 @@ def write_hf_folder(
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
+    except OSError as exc:
+        raise cannot_write(directory, exc, "choose a folder you can write to, with enough free space; nothing was "
+                           "written there") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory

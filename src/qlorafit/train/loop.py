@@ -26,7 +26,7 @@ from torch import nn
 from ..config import TrainConfig, fingerprint_changes
 from ..data.batches import batch_order, pack_rows, packed_batch, pad_batch
 from ..data.dataset import Dataset
-from ..errors import TrainingError, TrainingInterrupted
+from ..errors import TrainingError, TrainingInterrupted, cannot_write
 from ..evaluate import loss_metrics, loss_totals
 from ..fileio import atomic_write
 from ..lora.layer import keep_base_outputs, release_kept_outputs
@@ -189,9 +189,16 @@ class _Collated:
         return {k: v.to(self.device) for k, v in collate(self.data, self.batches[j], self.run).items()}
 
 
+def _append(path: Path, text: str) -> None:
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+    except OSError as exc:
+        raise cannot_write(path, exc, "free space (the checkpoints are intact), then continue with --resume") from exc
+
+
 def _log(run: Run, row: dict) -> None:
-    with open(run.output_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    _append(run.output_dir / "metrics.jsonl", json.dumps(row) + "\n")
     if run.on_log is not None:
         run.on_log(row)
 

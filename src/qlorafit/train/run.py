@@ -13,7 +13,7 @@ import torch
 
 from ..config import RunConfig, fingerprint, save_config
 from ..data.dataset import load_dataset
-from ..errors import QlorafitError
+from ..errors import QlorafitError, cannot_write
 from ..fileio import atomic_write
 from ..lora.inject import add_lora
 from ..lora.peft_io import save_adapter
@@ -37,6 +37,8 @@ def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
     Everything a run writes stays inside `output_dir`: a run file or folder that is a symbolic
     link (which would send checkpoints, adapters or deletions elsewhere) is refused.
     """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise QlorafitError(f"{output_dir}: is a file, not a folder; choose another output_dir")
     links = [name for name in _RUN_FILES if (output_dir / name).is_symlink()]
     if links:
         raise QlorafitError(
@@ -44,7 +46,13 @@ def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
             "remove the link or choose another output_dir"
         )
     if not output_dir.exists() or not any(output_dir.iterdir()) or resume:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            probe = output_dir / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise cannot_write(output_dir, exc, "choose an output_dir in a folder you can write to") from exc
         return
     if not overwrite:
         raise QlorafitError(
