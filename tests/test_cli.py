@@ -56,6 +56,9 @@ def test_train_eval_generate_commands(tiny_chat_model_dir, tmp_path, capsys):
     assert main(["train", str(config), "--set", "train.lr=5e-3", "--set", "train.max_steps=3"]) == 0
     out = capsys.readouterr().out
     assert "adapter:" in out and "eval loss" in out
+    assert "trained 3 steps: " in out and "tokens/s; peak memory " in out and "final train loss " in out
+    for command in ("eval", "generate", "export"):
+        assert f"  qlorafit {command} --model {tiny_chat_model_dir} --adapter {tmp_path / 'out' / 'adapter'}" in out
     saved = (tmp_path / "out" / "config.yaml").read_text()
     assert "lr: 0.005" in saved and "max_steps: 3" in saved
     # A second run into the same folder is refused, with the way out in the message.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -112,11 +113,31 @@ def _train(args: argparse.Namespace) -> None:
                                allow_config_change=args.allow_config_change)
     finally:
         progress.close()
-    if not is_main_process():
-        return
-    print(f"adapter: {summary['adapter']}\nmetrics: {summary['metrics']}\nloss curve: {summary['plot']}")
-    if "eval_loss" in summary:
-        print(f"eval loss {summary['eval_loss']:.4f}, perplexity {summary['eval_ppl']:.2f}")
+    if is_main_process():
+        print(run_summary(summary))
+
+
+def run_summary(s: dict) -> str:
+    """What a finished `train` did, where its files are, and the commands that use the adapter."""
+    skipped = f" ({s['skipped_steps']} skipped)" if s.get("skipped_steps") else ""
+    memory = f"peak memory {s['peak_rss_mib'] / 1024:.2f} GiB" + (
+        f" (GPU {s['peak_gpu_mib'] / 1024:.2f} GiB)" if s.get("peak_gpu_mib") else "")
+    per_process = " per process" if s.get("processes", 1) > 1 else ""
+    session = "" if s["steps_run"] == s["steps"] else f"; {s['steps_run']} of them now, after resuming"
+    lines = [
+        f"trained {s['steps']} steps{skipped}{session}: {s['tokens']:,} tokens in {s['train_s'] / 60:.1f} min, "
+        f"{s['tokens_per_s']:,.0f} tokens/s; {memory}{per_process}",
+        f"final train loss {s['train_loss']:.4f}" + (
+            f", eval loss {s['eval_loss']:.4f} (perplexity {s['eval_ppl']:.2f})" if "eval_loss" in s else ""),
+        f"adapter: {s['adapter']}\nmetrics: {s['metrics']}\nloss curve: {s['plot']}",
+        "next:",
+    ]
+    model, adapter = shlex.quote(s["model"]), shlex.quote(s["adapter"])
+    data = shlex.quote(s["eval_data"]) if s.get("eval_data") else "EVAL.jsonl"
+    lines += [f"  qlorafit eval --model {model} --adapter {adapter} --data {data} --metric exact_match",
+              f"  qlorafit generate --model {model} --adapter {adapter} --chat",
+              f"  qlorafit export --model {model} --adapter {adapter} --out model.gguf --type q4_k_m"]
+    return "\n".join(lines)
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -45,6 +45,11 @@ def rss_bytes() -> int:
     return _proc_field("/proc/self/status", "VmRSS")
 
 
+def peak_rss_bytes() -> int:
+    """The peak resident memory of this process so far (VmHWM; 0 when unknown)."""
+    return _proc_field("/proc/self/status", "VmHWM")
+
+
 def available_bytes() -> int:
     """Memory the OS can give now without swapping (MemAvailable; total RAM when unknown)."""
     return _proc_field("/proc/meminfo", "MemAvailable") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

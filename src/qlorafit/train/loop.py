@@ -280,7 +280,9 @@ class _StopSignals:
 
 def train(model: nn.Module, train_data: Dataset, eval_data: Dataset | None, cfg: TrainConfig, run: Run,
           resume: bool = False, world: Local | None = None) -> dict:
-    """Train the model's trainable (LoRA) parameters; returns the last eval metrics (or {}).
+    """Train the model's trainable (LoRA) parameters; returns the last eval metrics (if any) and
+    the run's figures: steps (in all; `steps_run` in this call), skipped steps, tokens, seconds,
+    tokens/s (this call) and the last train loss.
 
     `world` is the set of processes training together (`distributed.init_world`); by default
     this process alone.
@@ -316,7 +318,7 @@ def _train(model, optimizer, train_data, eval_data, cfg: TrainConfig, run: Run, 
             _log(run, row)
 
     last_eval: dict = {}
-    bad_in_row = 0
+    bad_in_row, steps_run, loss = 0, 0, math.nan
     start, tokens_seen = time.perf_counter(), 0
     while position.step < total:
         batches = epoch_batches(train_data, cfg, run, position.epoch)
@@ -329,6 +331,7 @@ def _train(model, optimizer, train_data, eval_data, cfg: TrainConfig, run: Run, 
             scheduler.step()
             position.batch += len(chosen)
             position.step += 1
+            steps_run += 1
             bad_in_row = 0 if applied else bad_in_row + 1
             position.skipped += not applied
             tokens_seen += sum(len(train_data.examples[i]) for b in chosen for row in b for i in row)
@@ -369,4 +372,7 @@ def _train(model, optimizer, train_data, eval_data, cfg: TrainConfig, run: Run, 
         last_eval = evaluate_loss(model, eval_data, cfg, run, world)
         log({"step": position.step, **last_eval})
     save()
-    return last_eval
+    elapsed = time.perf_counter() - start
+    return {**last_eval, "steps": position.step, "steps_run": steps_run, "skipped_steps": position.skipped,
+            "tokens": tokens_seen, "train_s": elapsed, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+            "train_loss": loss}

@@ -21,7 +21,7 @@ from ..models.checkpoint import resolve_model
 from ..models.load import load_model
 from ..models.numerics import resolve_device
 from ..plan import device_memory, plan, shape_from_config
-from ..sysmem import rss_bytes
+from ..sysmem import peak_rss_bytes, rss_bytes
 from .distributed import digest_of, init_world
 from .fsdp import LayerSharder, code_bytes
 from .loop import Run, enable_grad_checkpointing, train
@@ -177,7 +177,11 @@ def _run(config: RunConfig, resume: bool, overwrite: bool, on_log, world, allow_
     metrics = train(model, train_data, eval_data, config.train, run, resume=resume, world=world)
     world.check_same(digest_of([(n, p) for n, p in model.named_parameters() if p.requires_grad]), "trained adapters")
     summary = {"adapter": str(out / "adapter"), "metrics": str(out / "metrics.jsonl"), "plot": str(out / "loss.png"),
-               "train_examples": len(train_data.examples), "truncated": train_data.truncated, **metrics}
+               "model": config.model, "eval_data": config.data.eval, "train_examples": len(train_data.examples),
+               "truncated": train_data.truncated, "processes": world.size, **metrics,
+               "peak_rss_mib": peak_rss_bytes() / 2**20}
+    if torch.cuda.is_available() and _kind(model) == "cuda":
+        summary["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
 
     def finish() -> None:
         save_adapter(model, out / "adapter", base_model_name_or_path=config.model)
