@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import progress
 from .allocator import ALLOCATORS, preload_allocator
 from .errors import QlorafitError, TrainingInterrupted
 
@@ -17,15 +18,26 @@ MODEL_HELP = "HF model folder, .gguf file, bitsandbytes 4-bit folder, or alias (
 
 
 class _Progress:
-    """A tqdm bar fed by training log rows (step, loss, lr, tokens/s; ETA from the bar), shown from the first step."""
+    """Training log rows (step, loss, lr, tokens/s) as a tqdm bar with an ETA on a terminal, or as
+    a line every few percent of the steps in a log; nothing with --quiet."""
 
     def __init__(self) -> None:
         self.bar = None
+        self.logged = -1
 
     def __call__(self, row: dict) -> None:
         from tqdm import tqdm
 
-        if "loss" in row:
+        if not progress.enabled():
+            return
+        if "loss" in row and not progress.on_terminal():
+            total = row.get("total_steps") or 0
+            percent = 100 * row["step"] // total if total else 0
+            if percent // progress.LOG_STEP > self.logged or row["step"] == total:
+                self.logged = percent // progress.LOG_STEP
+                print(f"step {row['step']}/{total}: loss {row['loss']:.4f}, lr {row['lr']:.2e}, "
+                      f"{row['tokens_per_s']:.0f} tokens/s, {row['elapsed_s']:.0f} s", file=sys.stderr, flush=True)
+        elif "loss" in row:
             if self.bar is None:
                 # starts at this step: the rate and ETA count from here (a bar that first jumped a
                 # whole step in no time would show a nonsense rate)
@@ -50,17 +62,24 @@ class _Progress:
 
 
 class _CountBar:
-    """A tqdm bar on stderr fed by `on_progress(done, total)` calls; closes itself when done reaches total."""
+    """Progress fed by `on_progress(done, total)` calls (a bar, or log lines); closes itself at the end."""
 
     def __init__(self, desc: str, unit: str = "prompt") -> None:
-        self.desc, self.unit, self.bar = desc, unit, None
+        self.desc, self.unit, self.bar, self.done = desc, unit, None, 0
 
     def __call__(self, done: int, total: int) -> None:
-        from tqdm import tqdm
-
+        if not progress.enabled():
+            return
         if self.bar is None:
-            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
-        self.bar.update(done - self.bar.n)
+            if progress.on_terminal():
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
+            else:
+                self.bar = progress.Lines(self.desc, total, self.unit)
+            self.done = 0
+        self.bar.update(done - self.done)
+        self.done = done
         if done >= total:
             self.close()
 
@@ -88,7 +107,8 @@ def _torchrun(args: argparse.Namespace) -> None:
 
     from .train.distributed import torchrun_command
 
-    argv = (["-v"] if args.verbose else []) + ([f"--allocator={args.allocator}"] if args.allocator else [])
+    argv = (["-v"] if args.verbose else []) + (["-q"] if args.quiet else []) + \
+        ([f"--allocator={args.allocator}"] if args.allocator else [])
     argv += ["train", args.config, *(f"--set={s}" for s in args.set)]
     argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
     argv += ["--allow-config-change"] * args.allow_config_change
@@ -335,6 +355,8 @@ def _add_trust_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlorafit", description="LoRA and QLoRA fine-tuning of causal language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress output (bars on a terminal, a line every few percent in a log)")
     parser.add_argument("--allocator", choices=("auto", "system", *ALLOCATORS), default=None,
                         help="memory allocator for train/eval/generate/merge/demo: auto (tcmalloc when installed, "
                              "the default; or $QLORAFIT_ALLOCATOR), system (the platform's malloc), or one by name")
@@ -436,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         preload_allocator(sys.argv[1:], args.allocator)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        args.func(args)
+        with progress.reporting(not args.quiet):
+            args.func(args)
     except TrainingInterrupted as exc:
         from .train.distributed import is_main_process
 

@@ -22,6 +22,7 @@ from .data.render import Example
 from .errors import DataError
 from .fileio import atomic_write
 from .generate import eval_mode, generate_batch, model_device, prompt_messages, reference
+from .progress import task
 from .quant.blockwise import dequant_workspace
 from .train.loss import causal_lm_loss
 
@@ -60,11 +61,13 @@ def loss_totals(model: nn.Module, batches: list[list[Example]], pad_id: int = 0)
     """(sum of token cross-entropies, labelled tokens) over batches of examples, without dropout."""
     device = model_device(model)
     total, tokens = 0.0, 0
-    with eval_mode(model), dequant_workspace(), torch.inference_mode():
+    with eval_mode(model), dequant_workspace(), torch.inference_mode(), \
+            task("eval loss", len(batches), "batch") as bar:
         for examples in batches:
             batch = pad_batch(examples, pad_id)
             loss_sum, count = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
             total, tokens = total + float(loss_sum), tokens + count
+            bar.update()
     return total, tokens
 
 

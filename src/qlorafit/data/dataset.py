@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
+from ..progress import task
 from .records import read_records
 from .render import Example, tokenize_record, truncate
 
@@ -40,15 +41,18 @@ def load_dataset(path: str | Path, tokenizer, fmt: str = "auto", max_length: int
     if max_length < 2:
         raise DataError(f"data.max_length must be at least 2, got {max_length}")
     data = Dataset(Path(path), [])
-    for record in read_records(path, fmt):
-        example, was_cut = truncate(tokenize_record(record, tokenizer, train_on), max_length)
-        data.truncated += was_cut
-        if example is None:
-            data.dropped.append(record.source)
-        elif all(label == -100 for label in example.labels):
-            raise DataError(f"{record.source}: the record has no token to train on")
-        else:
-            data.examples.append(example)
+    records = list(read_records(path, fmt))
+    with task(f"tokenizing {Path(path).name}", len(records), "record") as bar:
+        for record in records:
+            example, was_cut = truncate(tokenize_record(record, tokenizer, train_on), max_length)
+            data.truncated += was_cut
+            if example is None:
+                data.dropped.append(record.source)
+            elif all(label == -100 for label in example.labels):
+                raise DataError(f"{record.source}: the record has no token to train on")
+            else:
+                data.examples.append(example)
+            bar.update()
     if data.truncated:
         logger.warning("%s: %d records longer than %d tokens were truncated (%d dropped: nothing left to learn)",
                        path, data.truncated, max_length, len(data.dropped))

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import ExportError
 from ..generate import END_OF_TURN_TOKENS
+from ..progress import task
 from .files import write_file
 from .gguf_layout import Layout
 from .gguf_vocab import add_tokenizer
@@ -273,10 +274,12 @@ def export_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for (gguf_name, shape), (again, array) in zip(shapes, _model_tensors(model, layout), strict=True):
-            if again != gguf_name or tuple(array.shape) != shape:
-                raise ExportError(f"the model changed while it was exported ({gguf_name} -> {again})")
-            writer.write_tensor_data(quantize_tensor(array, types[gguf_name]))
+        with task(f"exporting {path.name} ({file_type})", len(shapes), "tensor") as bar:
+            for (gguf_name, shape), (again, array) in zip(shapes, _model_tensors(model, layout), strict=True):
+                if again != gguf_name or tuple(array.shape) != shape:
+                    raise ExportError(f"the model changed while it was exported ({gguf_name} -> {again})")
+                writer.write_tensor_data(quantize_tensor(array, types[gguf_name]))
+                bar.update()
         writer.close()
 
     with torch.no_grad():

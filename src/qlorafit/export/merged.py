@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 from ..lora.layer import LoraLinear
 from ..lora.merge import float_layer, is_quantized
 from ..models.numerics import parse_dtype
+from ..progress import task
 from .folder import write_hf_folder
 
 
@@ -55,4 +56,13 @@ def save_merged(
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
-    return write_hf_folder(directory, merged_tensors(model, dtype), config, tokenizer, overwrite)
+    total = len(dict(model.named_parameters())) + sum(
+        len(m._buffers) - len(m._non_persistent_buffers_set) for m in model.modules())
+
+    def counted():
+        with task(f"merging into {Path(directory).name}", total, "tensor") as bar:
+            for item in merged_tensors(model, dtype):
+                yield item
+                bar.update()
+
+    return write_hf_folder(directory, counted(), config, tokenizer, overwrite)

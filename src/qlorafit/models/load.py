@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import ModelLoadError
 from ..lora.inject import _output_head_names
 from ..lora.layer import Conv1D
+from ..progress import task
 from ..quant.blockwise import check_4bit_settings
 from ..quant.linear4bit import Linear4bit
 from ..quant.param4bit import quantize_parameter
@@ -218,9 +219,11 @@ def load_model(
         used = _load_prequantized(model, source, dtype, device)
         streamer.targets = set()  # everything else is stored as it is
     layout = CheckpointLayout(model, str(source.path))
-    for key, tensor, file in source.tensors(model, skip=used):
-        for name, converted in layout.convert(key, tensor):
-            streamer.put(name, converted, file)
+    with task(f"loading {source.name}", len(dict(model.named_parameters())) - len(used), "tensor") as bar:
+        for key, tensor, file in source.tensors(model, skip=used):
+            for name, converted in layout.convert(key, tensor):
+                streamer.put(name, converted, file)
+            bar.update()
     layout.finish()
     streamer.finish()
     model = _finish(model, str(source.path))

@@ -133,7 +133,9 @@ def evaluate_loss(model: nn.Module, data: Dataset, cfg: TrainConfig, run: Run, w
     bs = cfg.batch_size
     batches = [data.examples[i : i + bs] for i in range(0, len(data.examples), bs)]
     mine = world.shard(batches)
-    loss_totals(model, [b for b, counts in mine if not counts], run.pad_id)  # in step with the others only
+    fillers = [b for b, counts in mine if not counts]
+    if fillers:
+        loss_totals(model, fillers, run.pad_id)  # in step with the other ranks only
     total, tokens = world.sum(list(loss_totals(model, [b for b, counts in mine if counts], run.pad_id)))
     result = loss_metrics(total, int(tokens))
     return {"eval_loss": result["loss"], "eval_ppl": result["perplexity"], "eval_tokens": result["tokens"]}
