@@ -47,9 +47,23 @@ class LoraSection(_Section):
     rslora: bool = Field(False, description="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
 
 
+class SourceConfig(_Section):
+    path: str = Field(..., min_length=1, description="a .jsonl/.json/.parquet/.csv/.tsv/.arrow file, a datasets "
+                      "folder, or a hub name when online")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "completion", "text"] = Field(
+        "auto", description="record format of this source")
+    fields: dict[str, str] = Field(default_factory=dict, description="qlorafit's field names -> this source's "
+                                   "column names, e.g. {prompt: question, completion: answer}")
+    split: str | None = Field(None, description="split of a datasets folder or hub dataset (default train)")
+    weight: float = Field(1.0, gt=0, description="share in the mix: round(weight x records) of this source")
+
+
 class DataConfig(_Section):
-    train: str = Field(..., min_length=1, description="training JSONL file (required)")
-    eval: str | None = Field(None, min_length=1, description="held-out JSONL file for eval loss and perplexity")
+    train: str | list[SourceConfig] = Field(
+        ..., description="training data (required): a path, or a list of sources {path, format, fields, split, weight}")
+    eval: str | SourceConfig | None = Field(None, description="held-out data for eval loss and perplexity")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="hold out this fraction of the training records "
+                                 "(seeded) for evaluation instead of a data.eval source")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "completion", "text"] = Field(
         "auto", description="record format; auto detects it from the first record"
     )
@@ -228,8 +242,8 @@ _NOT_RESULTS = {"output_dir", "allow_pickle", "trust_remote_code", "data.train",
 
 def fingerprint(config: RunConfig) -> dict[str, Any]:
     """Everything that decides the adapter a run trains: the configuration's result keys (dotted
-    names) and the sha256 of the training data file (not its path: moving the file changes
-    nothing). A run resumes exactly only under the same one."""
+    names; a list of sources stays one key) and the sha256 of the training data files (not their
+    paths: moving a file changes nothing). A run resumes exactly only under the same one."""
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -240,13 +254,19 @@ def fingerprint(config: RunConfig) -> dict[str, Any]:
             flat[prefix] = node
 
     walk(config.model_dump(), "")
-    train = Path(config.data.train)
-    if train.is_file():
-        digest = hashlib.sha256()
-        with open(train, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        flat["data.train (sha256)"] = digest.hexdigest()
+    sources = config.data.train if isinstance(config.data.train, list) else [SourceConfig(path=config.data.train)]
+    if isinstance(config.data.train, list):  # how each source is read and weighted, not where it lies
+        flat["data.train (sources)"] = [s.model_dump(exclude={"path"}) for s in sources]
+    digest = hashlib.sha256()
+    for source in sources:
+        path = Path(source.path).expanduser()
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        for file in files:
+            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+            with open(file, "rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    flat["data.train (sha256)"] = digest.hexdigest()
     return flat
 
 

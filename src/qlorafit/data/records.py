@@ -102,18 +102,16 @@ def to_record(raw: dict, fmt: str, where: str) -> Record:
     return Record(where, completion=text, train_on_prompt=True)
 
 
-def read_records(path: str | Path, fmt: str = "auto") -> list[Record]:
-    """Every record of a JSONL file as a Record; any bad line raises DataError with its number."""
+def read_jsonl_rows(path: str | Path) -> list[tuple[str, dict]]:
+    """("file:line", object) for every non-blank line of a JSONL file; a bad line raises DataError."""
     path = Path(path)
-    if fmt != "auto" and fmt not in FORMATS:
-        raise DataError(f"unknown data format {fmt!r}: use auto or one of {', '.join(FORMATS)}")
     if not path.is_file():
         raise DataError(f"{path}: no such file; give a JSONL file with one record per line")
-    records: list[Record] = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc}); save it as UTF-8 JSONL") from exc
+    rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -124,20 +122,22 @@ def read_records(path: str | Path, fmt: str = "auto") -> list[Record]:
             raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
         if not isinstance(raw, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-        found = detect_format(raw)
-        if fmt == "auto":
-            fmt = found or fmt
-        if found is None or (found != fmt and not _compatible(raw, fmt)):
-            keys = ", ".join(sorted(raw)) or "(none)"
-            expected = f"format {fmt!r}" if fmt != "auto" else f"one of the formats {', '.join(FORMATS)}"
-            raise DataError(f"{where}: record with keys {keys} is not in {expected}; see docs/data.md")
-        records.append(to_record(raw, fmt, where))
-    if not records:
-        raise DataError(f"{path}: no records; the file is empty")
-    return records
+        rows.append((where, raw))
+    return rows
 
 
-def _compatible(raw: dict, fmt: str) -> bool:
+def read_records(path: str | Path, fmt: str = "auto") -> list[Record]:
+    """Every record of a data file (JSONL, JSON, Parquet, CSV/TSV, Arrow, a datasets folder) as a
+    Record; any bad record raises DataError with its line or row (see `sources.py`)."""
+    from .sources import Source, read_source
+
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r}: use auto or one of {', '.join(FORMATS)}")
+    return read_source(Source(str(path), fmt))
+
+
+def has_format_keys(raw: dict, fmt: str) -> bool:
+    """Whether `raw` has every key format `fmt` needs."""
     keys = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
             "completion": ("prompt", "completion"), "text": ("text",)}[fmt]
     return all(k in raw for k in keys)

@@ -13,6 +13,7 @@ import torch
 
 from ..config import RunConfig, fingerprint, save_config
 from ..data.dataset import load_dataset
+from ..data.sources import read_data
 from ..errors import QlorafitError, cannot_write
 from ..fileio import atomic_write
 from ..lora.inject import add_lora
@@ -145,6 +146,8 @@ def run_training(config: RunConfig, resume: bool = False, overwrite: bool = Fals
 
 def _run(config: RunConfig, resume: bool, overwrite: bool, on_log, world, allow_config_change: bool) -> dict:
     out = Path(config.output_dir)
+    d = config.data
+    train_records, eval_records, train_name, eval_name = read_data(d, config.train.seed)  # bad data: nothing written
     world.on_main(lambda: prepare_output_dir(out, resume, overwrite))
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))  # sharing this machine's memory
     strategy = choose_strategy(config, world.size, processes) if world.size > 1 else "single"
@@ -167,9 +170,9 @@ def _run(config: RunConfig, resume: bool, overwrite: bool, on_log, world, allow_
     mode = use_grad_checkpointing(config, model, processes)
     if mode != "off":
         enable_grad_checkpointing(model, selective=mode == "selective")
-    d = config.data
-    train_data = load_dataset(d.train, tokenizer, d.format, d.max_length, d.train_on)
-    eval_data = load_dataset(d.eval, tokenizer, d.format, d.max_length, d.train_on) if d.eval else None
+    train_data = load_dataset(train_records, tokenizer, max_length=d.max_length, train_on=d.train_on, name=train_name)
+    eval_data = None if eval_records is None else load_dataset(eval_records, tokenizer, max_length=d.max_length,
+                                                               train_on=d.train_on, name=eval_name)
     world.on_main(lambda: save_config(config, out / "config.yaml"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     run = Run(out, pad_id, d.max_length, d.packing, on_log if world.main else None, fingerprint(config),
@@ -177,7 +180,7 @@ def _run(config: RunConfig, resume: bool, overwrite: bool, on_log, world, allow_
     metrics = train(model, train_data, eval_data, config.train, run, resume=resume, world=world)
     world.check_same(digest_of([(n, p) for n, p in model.named_parameters() if p.requires_grad]), "trained adapters")
     summary = {"adapter": str(out / "adapter"), "metrics": str(out / "metrics.jsonl"), "plot": str(out / "loss.png"),
-               "model": config.model, "eval_data": config.data.eval, "train_examples": len(train_data.examples),
+               "model": config.model, "eval_data": eval_name if config.data.eval else None, "train_examples": len(train_data.examples),
                "truncated": train_data.truncated, "processes": world.size, **metrics,
                "peak_rss_mib": peak_rss_bytes() / 2**20}
     if torch.cuda.is_available() and _kind(model) == "cuda":
