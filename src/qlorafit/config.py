@@ -118,6 +118,8 @@ class RunConfig(_Section):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: str = Field("runs/example", min_length=1, description="where checkpoints, the adapter and metrics go")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers that also get the metrics and the configuration")
 
 
 def schema_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> dict[str, Any]:
@@ -234,7 +236,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
 
 
 # keys that change where and how often a run reports or saves, never the adapter it trains
-_NOT_RESULTS = {"output_dir", "allow_pickle", "trust_remote_code", "data.train", "data.eval", "train.log_every",
+_NOT_RESULTS = {"output_dir", "report_to", "allow_pickle", "trust_remote_code", "data.train", "data.eval", "train.log_every",
                 "train.eval_every",
                 "train.save_every", "train.keep_last", "train.max_bad_steps", "train.distributed",
                 "train.distributed_timeout"}

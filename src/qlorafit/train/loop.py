@@ -143,8 +143,9 @@ def evaluate_loss(model: nn.Module, data: Dataset, cfg: TrainConfig, run: Run, w
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro, max_grad_norm: float | None = None,
                world: Local | None = None, tokens: int | None = None,
-               seeds: list[int] | None = None) -> tuple[float, bool]:
-    """One optimizer step over the micro-batches `micro`: (mean loss per labelled token, applied).
+               seeds: list[int] | None = None) -> tuple[float, bool, float]:
+    """One optimizer step over the micro-batches `micro`: (mean loss per labelled token, applied,
+    gradient norm before clipping).
 
     Gradients are accumulated token-weighted: the loss is the sum over all labelled tokens of
     all micro-batches divided by their count (`tokens`, counted from `micro` when not given),
@@ -170,12 +171,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro, max_gr
     total = summed.total()
     grads = [p.grad for p in params if p.grad is not None]
     finite = math.isfinite(total) and all(bool(torch.isfinite(g).all()) for g in grads)
-    if finite:
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    norm = math.nan
+    if finite:  # clipping at infinity scales by exactly 1: the norm, with the gradients unchanged
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)) if grads else 0.0
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / max(tokens, 1), finite
+    return total / max(tokens, 1), finite, norm
 
 
 class _Collated:
@@ -328,7 +329,7 @@ def _train(model, optimizer, train_data, eval_data, cfg: TrainConfig, run: Run, 
             chosen = batches[position.batch : position.batch + cfg.grad_accum]
             lr = scheduler.get_last_lr()[0]
             seeds = [dropout_seed(cfg.seed, position.step, j) for j in range(len(chosen))]
-            loss, applied = train_step(model, optimizer, _Collated(train_data, chosen, run, device), cfg.max_grad_norm,
+            loss, applied, grad_norm = train_step(model, optimizer, _Collated(train_data, chosen, run, device), cfg.max_grad_norm,
                                        world, sum(labelled_tokens(train_data, b) for b in chosen), seeds)
             scheduler.step()
             position.batch += len(chosen)
@@ -339,7 +340,7 @@ def _train(model, optimizer, train_data, eval_data, cfg: TrainConfig, run: Run, 
             tokens_seen += sum(len(train_data.examples[i]) for b in chosen for row in b for i in row)
             elapsed = time.perf_counter() - start
             if not applied or position.step % cfg.log_every == 0 or position.step == total:
-                log({"step": position.step, "epoch": position.epoch, "loss": loss, "lr": lr,
+                log({"step": position.step, "epoch": position.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                      "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": elapsed, "total_steps": total,
                      **({} if applied else {"skipped": True, "skipped_total": position.skipped})})
             if not applied:

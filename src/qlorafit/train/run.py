@@ -27,6 +27,7 @@ from .distributed import digest_of, init_world
 from .fsdp import LayerSharder, code_bytes
 from .loop import Run, enable_grad_checkpointing, train
 from .plot import plot_losses
+from .tracking import Trackers, check_installed
 
 logger = logging.getLogger(__name__)
 _RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter", "loss.png", "summary.json", "optimizer-pages")
@@ -147,6 +148,7 @@ def run_training(config: RunConfig, resume: bool = False, overwrite: bool = Fals
 def _run(config: RunConfig, resume: bool, overwrite: bool, on_log, world, allow_config_change: bool) -> dict:
     out = Path(config.output_dir)
     d = config.data
+    check_installed(config.report_to)
     train_records, eval_records, train_name, eval_name = read_data(d, config.train.seed)  # bad data: nothing written
     world.on_main(lambda: prepare_output_dir(out, resume, overwrite))
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))  # sharing this machine's memory
@@ -175,9 +177,19 @@ def _run(config: RunConfig, resume: bool, overwrite: bool, on_log, world, allow_
                                                                train_on=d.train_on, name=eval_name)
     world.on_main(lambda: save_config(config, out / "config.yaml"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    run = Run(out, pad_id, d.max_length, d.packing, on_log if world.main else None, fingerprint(config),
+    trackers = Trackers(config.report_to if world.main else [], out, config.model_dump())
+
+    def report(row: dict) -> None:
+        trackers(row)
+        if on_log is not None:
+            on_log(row)
+
+    run = Run(out, pad_id, d.max_length, d.packing, report if world.main else None, fingerprint(config),
               allow_config_change)
-    metrics = train(model, train_data, eval_data, config.train, run, resume=resume, world=world)
+    try:
+        metrics = train(model, train_data, eval_data, config.train, run, resume=resume, world=world)
+    finally:
+        trackers.close()
     world.check_same(digest_of([(n, p) for n, p in model.named_parameters() if p.requires_grad]), "trained adapters")
     summary = {"adapter": str(out / "adapter"), "metrics": str(out / "metrics.jsonl"), "plot": str(out / "loss.png"),
                "model": config.model, "eval_data": eval_name if config.data.eval else None, "train_examples": len(train_data.examples),
