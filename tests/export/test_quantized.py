@@ -7,14 +7,13 @@ from transformers import AutoModelForCausalLM
 import qlorafit
 from qlorafit.errors import QlorafitError
 from qlorafit.quant.linear4bit import Linear4bit
-from tests.conftest import token_batch
-
-pytest.importorskip("bitsandbytes")
+from tests.conftest import peer, token_batch
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
 def test_saved_4bit_folder_loads_in_transformers_and_back(arch, quant_type, double_quant, tiny_model_dir, tmp_path):
+    peer("bitsandbytes")  # transformers reads the folder through it
     model, _ = qlorafit.load_model(tiny_model_dir(arch), quant=quant_type, double_quant=double_quant)
     qlorafit.add_lora(model, r=4, alpha=8)  # LoRA layers are left out of the base folder
     out = qlorafit.save_quantized(model, None, tmp_path / "q")

@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 import qlorafit
 from qlorafit.errors import AdapterError
 from qlorafit.lora.inject import lora_layers
-from tests.conftest import token_batch
+from tests.conftest import LazyPeer, token_batch
 
-peft = pytest.importorskip("peft")
+peft = LazyPeer("peft")
 
 ARCHS = ["llama", "qwen2", "gpt2"]
 

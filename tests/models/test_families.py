@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import peft
 import pytest
 import torch
 import transformers
@@ -22,11 +21,13 @@ import qlorafit
 from qlorafit.lora.inject import find_targets
 from qlorafit.quant.linear4bit import Linear4bit
 from qlorafit.quant.param4bit import quantized_parameters
+from tests.conftest import LazyPeer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gguf_from_hf import VOCAB_SIZE, write_gguf_from_hf  # noqa: E402
 
-bnbf = pytest.importorskip("bitsandbytes.functional")
+bnbf = LazyPeer("bitsandbytes.functional")
+peft = LazyPeer("peft")
 
 SIZES = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256)
 ATTN = dict(num_attention_heads=4, num_key_value_heads=2)

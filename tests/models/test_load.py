@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 import qlorafit
 from qlorafit.errors import ModelLoadError, QuantizationError
 from qlorafit.quant.linear4bit import Linear4bit
-from tests.conftest import build_tiny, token_batch
+from tests.conftest import LazyPeer, build_tiny, token_batch
 
-bnbf = pytest.importorskip("bitsandbytes.functional")
+bnbf = LazyPeer("bitsandbytes.functional")
 ARCHS = ["llama", "qwen2", "gpt2"]
 
 

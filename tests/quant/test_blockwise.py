@@ -5,8 +5,9 @@ import torch
 
 from qlorafit.errors import QuantizationError
 from qlorafit.quant.blockwise import dequantize_4bit, dequantize_blockwise, quantize_4bit, quantize_blockwise
+from tests.conftest import LazyPeer
 
-bnbf = pytest.importorskip("bitsandbytes.functional")
+bnbf = LazyPeer("bitsandbytes.functional")
 
 SHAPES = [(100,), (4095,), (577, 131), (64, 64), (3, 5), (2, 3, 129)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -6,8 +6,9 @@ import torch
 from qlorafit.errors import QuantizationError
 from qlorafit.quant.blockwise import dequantize_4bit, quantize_4bit
 from qlorafit.quant.state import QuantState
+from tests.conftest import LazyPeer
 
-bnbf = pytest.importorskip("bitsandbytes.functional")
+bnbf = LazyPeer("bitsandbytes.functional")
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
