@@ -11,6 +11,9 @@ from transformers.pytorch_utils import Conv1D
 from qlorafit.errors import AdapterError
 from qlorafit.lora.layer import LoraLinear
 from qlorafit.quant.linear4bit import Linear4bit
+from tests.conftest import LazyPeer
+
+bnbf = LazyPeer("bitsandbytes.functional")
 
 
 def _bases():
@@ -77,14 +80,16 @@ def test_merge_unmerge_round_trip(kind):
     assert torch.allclose(layer(x), before, atol=1e-5)
 
 
-def test_merge_into_4bit_requantizes_close_to_the_sum():
-    base = _bases()["linear4bit"]
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+def test_merge_into_4bit_is_bitsandbytes_quantization_of_the_sum(quant_type, double_quant):
+    base = Linear4bit.from_linear(_bases()["linear"], quant_type=quant_type, double_quant=double_quant, blocksize=64)
     layer = LoraLinear.from_base(base, r=4, alpha=8)
     nn.init.normal_(layer.lora_B.weight, std=0.01)
-    exact = layer.merged_weight()
+    total = layer.merged_weight()  # dequantized base + s * B @ A, float32
     layer.merge()
-    err = (base.dequantize() - exact).abs().max()
-    assert err < exact.abs().max() * 0.2  # 4-bit rounding, not a wrong merge
+    codes, state = bnbf.quantize_4bit(total, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
+    assert torch.equal(base.weight, codes)
+    assert torch.equal(base.dequantize(torch.float32), bnbf.dequantize_4bit(codes, state).float())
 
 
 def test_dropout_is_used_in_training_only():
