@@ -73,6 +73,19 @@ def test_train_eval_generate_commands(tiny_chat_model_dir, tmp_path, capsys):
                  "--metric", "exact_match", "--max-new-tokens", "4", "--out", str(preds)]) == 0
     assert "exact match:" in capsys.readouterr().out and len(preds.read_text().splitlines()) == 4
     assert main(["generate", "--model", model, "--adapter", adapter, "--prompt", "cat", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out
+    # the answer is transformers' own greedy decoding of the same model, adapter and chat prompt
+    from qlorafit.generate import encode_prompt, stop_token_ids
+
+    reference, tokenizer = qlorafit.load_model(model)
+    qlorafit.load_adapter(reference, adapter)
+    ids = torch.tensor([encode_prompt(tokenizer, "cat")])
+    out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                             eos_token_id=sorted(stop_token_ids(tokenizer)), pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    while new and new[-1] in stop_token_ids(tokenizer):
+        new.pop()  # the stop token ends the answer without being printed
+    assert new and printed == tokenizer.decode(new) + "\n"
 
 
 def test_config_errors_reach_the_user(tiny_chat_model_dir, tmp_path, capsys):
