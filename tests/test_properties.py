@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qlorafit.cli import build_parser, main
-from qlorafit.config import ConfigError, load_config, parse_override
-from qlorafit.data.records import FORMATS, detect_format, read_records
+from qlorafit.config import ConfigError, load_config, parse_override, schema_keys
+from qlorafit.data.records import FORMATS, detect_format, has_format_keys, read_records
 from qlorafit.data.render import tokenize_record, truncate
 from qlorafit.errors import QlorafitError
 from tests.conftest import byte_tokenizer
@@ -56,8 +56,9 @@ def test_jsonl_reader_returns_records_or_names_the_line(tmp_path, lines, fmt):
 @SETTINGS
 @given(raw=st.one_of(record, st.dictionaries(text, json_value, max_size=4)))
 def test_format_detection_is_total_and_consistent(raw):
-    found = detect_format(raw)
-    assert found is None or found in FORMATS
+    # the first format (in FORMATS' order of precedence) whose keys the record has, or None if none
+    having = [fmt for fmt in FORMATS if has_format_keys(raw, fmt)]
+    assert detect_format(raw) == (having[0] if having else None)
 
 
 @SETTINGS
@@ -106,14 +107,24 @@ def test_config_loading_validates_or_lists_the_problems(tmp_path, overrides, bod
     assert cfg.lora.r > 0 and 0 <= cfg.lora.dropout < 1
 
 
+override = st.one_of(text, st.builds(lambda k, v: f"{k}={v}", st.sampled_from(sorted(schema_keys())), text),
+                     st.builds(lambda k, v: f" {k} ={v}", st.sampled_from(["train.lr", "output_dir", "model"]), text))
+
+
 @SETTINGS
-@given(raw=text)
-def test_override_parsing_never_crashes(raw):
+@given(raw=override)
+def test_override_parsing_reads_the_key_and_value_or_says_why_not(raw):
     try:
-        key, _ = parse_override(raw)
-    except ConfigError:
+        key, value = parse_override(raw)
+    except ConfigError as exc:
+        assert str(exc).startswith("--set ")
+        name, sep, _ = raw.partition("=")
+        assert not sep or not name.strip() or name.strip() not in schema_keys() or "cannot read value" in str(exc)
         return
-    assert "=" in raw and key
+    name, _, given_value = raw.partition("=")
+    assert key == name.strip() and key in schema_keys()
+    if key in ("output_dir", "model") and given_value.strip() not in ("null", "~"):
+        assert value == given_value  # paths and names are taken as written
 
 
 arg = st.one_of(st.sampled_from(["train", "eval", "generate", "merge", "plan", "demo", "--model", "--params",
