@@ -19,9 +19,10 @@ def test_saved_4bit_folder_loads_in_transformers_and_back(arch, quant_type, doub
     out = qlorafit.save_quantized(model, None, tmp_path / "q")
     theirs = AutoModelForCausalLM.from_pretrained(out).eval()
     ours = {n.replace(".base_layer", ""): m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
-    for name, module in theirs.named_modules():
-        if name in ours:
-            assert torch.equal(module.weight.data, ours[name].weight)
+    compared = [name for name, _ in theirs.named_modules() if name in ours]
+    assert ours and sorted(compared) == sorted(ours)  # every 4-bit layer came back as a 4-bit layer
+    for name in compared:
+        assert torch.equal(theirs.get_submodule(name).weight.data, ours[name].weight)
     x = token_batch()
     with torch.no_grad():
         expected = model(x).logits  # B = 0: the adapter changes nothing

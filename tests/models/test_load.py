@@ -82,10 +82,12 @@ def test_bitsandbytes_4bit_checkpoint_loads_without_requantizing(tiny_model_dir,
     model, _ = qlorafit.load_model(tmp_path)
     ours = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
     assert len(ours) == 14
-    for name, module in bnb_model.named_modules():
-        if name in ours:
-            assert torch.equal(ours[name].weight, module.weight.data)  # the very same packed codes
-            assert torch.equal(ours[name].dequantize(), bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state))
+    compared = [name for name, _ in bnb_model.named_modules() if name in ours]
+    assert sorted(compared) == sorted(ours)  # every 4-bit layer is compared
+    for name in compared:
+        module = bnb_model.get_submodule(name)
+        assert torch.equal(ours[name].weight, module.weight.data)  # the very same packed codes
+        assert torch.equal(ours[name].dequantize(), bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state))
     x = token_batch()
     with torch.no_grad():
         assert (model(x).logits - bnb_model(x).logits).abs().max() < 1e-4
