@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import QlorafitError
+from ..faults import reached
 from ..lora.peft_io import load_adapter, save_adapter
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, position: Position,
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         (tmp / "manifest.json").write_text(json.dumps({"step": position.step, "files": files}, indent=2))
         _fsync_tree(tmp)
+        reached("checkpoint-write")  # a test may kill the process here: written, not yet renamed
         if final.exists():  # the same step again (a resumed run's final save): swap, never delete first
             old = root / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)

@@ -28,6 +28,7 @@ from ..data.batches import batch_order, pack_rows, packed_batch, pad_batch
 from ..data.dataset import Dataset
 from ..errors import TrainingError, TrainingInterrupted, cannot_write
 from ..evaluate import loss_metrics, loss_totals
+from ..faults import reached
 from ..fileio import atomic_write
 from ..lora.layer import keep_base_outputs, release_kept_outputs
 from ..quant.blockwise import dequant_workspace
@@ -343,6 +344,7 @@ def _train(model, optimizer, train_data, eval_data, cfg: TrainConfig, run: Run, 
                 log({"step": position.step, "epoch": position.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                      "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "elapsed_s": elapsed, "total_steps": total,
                      **({} if applied else {"skipped": True, "skipped_total": position.skipped})})
+            reached("step")  # a test may kill the process here
             if not applied:
                 logger.warning("step %d: NaN or infinite loss or gradient; update skipped (%d in a row)",
                                position.step, bad_in_row)

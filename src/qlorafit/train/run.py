@@ -15,6 +15,7 @@ from ..config import RunConfig, fingerprint, save_config
 from ..data.dataset import load_dataset
 from ..data.sources import read_data
 from ..errors import QlorafitError, cannot_write
+from ..faults import reached
 from ..fileio import atomic_write
 from ..lora.inject import add_lora
 from ..lora.peft_io import save_adapter
@@ -200,6 +201,7 @@ def _run(config: RunConfig, resume: bool, overwrite: bool, on_log, world, allow_
 
     def finish() -> None:
         save_adapter(model, out / "adapter", base_model_name_or_path=config.model)
+        reached("final-save")  # a test may kill the process here: adapter written, summary not yet
         tokenizer.save_pretrained(str(out / "adapter"))
         plot_losses(out / "metrics.jsonl", out / "loss.png")
         atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
