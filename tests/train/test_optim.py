@@ -5,6 +5,9 @@ import copy
 import torch
 
 from qlorafit.train.optim import AdamW, state_bytes
+from tests.conftest import LazyPeer
+
+bnb_optim = LazyPeer("bitsandbytes.optim")
 
 
 def _problem(seed=0):
@@ -53,6 +56,32 @@ def test_32bit_equals_torch_adamw_bit_for_bit_in_memory_and_paged(tmp_path):
     ours.load_state_dict(state)
     steps(resumed, ours, 3)
     assert torch.equal(resumed.detach(), w.detach())
+
+
+def test_8bit_equals_bitsandbytes_adamw8bit_bit_for_bit(tmp_path):
+    """A 64x128 weight (8-bit moments) and a 64-element bias (below min_8bit_size: 32-bit moments),
+    with weight decay, against bitsandbytes' AdamW8bit on the same gradients."""
+    x, y = _problem()
+
+    def fit(make, steps=25):
+        w = torch.nn.Parameter(torch.zeros(64, 128))
+        b = torch.nn.Parameter(torch.zeros(64))
+        opt = make([w, b])
+        for _ in range(steps):
+            ((x @ w.t() + b - y) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return w.detach(), b.detach(), opt
+
+    kw = dict(lr=1e-2, weight_decay=0.01)
+    w_ref, b_ref, ref = fit(lambda p: bnb_optim.AdamW8bit(p, min_8bit_size=4096, **kw))
+    for paged in (None, tmp_path / "pages"):
+        w, b, ours = fit(lambda p, paged=paged: AdamW(p, bits=8, min_8bit_size=4096, paged=paged, **kw))
+        assert torch.equal(w, w_ref) and torch.equal(b, b_ref), paged
+        (sw, sb), (rw, rb) = ([o.state[p] for p in o.param_groups[0]["params"]] for o in (ours, ref))
+        assert torch.equal(sw["exp_avg_codes"], rw["state1"].view(-1)) and torch.equal(sw["exp_avg_absmax"], rw["absmax1"])
+        assert torch.equal(sw["exp_avg_sq_codes"], rw["state2"].view(-1))
+        assert torch.equal(sb["exp_avg"], rb["state1"].view(-1)) and torch.equal(sb["exp_avg_sq"], rb["state2"].view(-1))
 
 
 def test_8bit_tracks_32bit_and_stores_a_quarter():

@@ -5,6 +5,9 @@ absmax each): the first moment with the signed dynamic map, the second with the 
 as bitsandbytes' 8-bit optimizers do. Each step dequantizes a parameter's moments, updates them
 in float32 and quantizes them again, so state costs ~1 byte per moment instead of 4.
 Parameters smaller than `min_8bit_size` keep float32 moments (the saving is nil there).
+The arithmetic is bitsandbytes' AdamW8bit's, operation for operation (its CPU kernels, and its
+32-bit update for the small tensors), so the two give the same results; `bits=32` is
+torch.optim.AdamW's, with the same exactness.
 
 `paged=` a folder pages the state out of fast memory. On the CPU every state tensor lives in a
 file-backed shared memory map there: the OS can write those pages out and drop them under
@@ -17,6 +20,7 @@ in-memory runs give identical results. The files are removed by `close()`.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -120,17 +124,25 @@ class AdamW(torch.optim.Optimizer):
                 grad = p.grad.reshape(-1).float()
                 state["step"] += 1
                 step = float(state["step"])
-                # torch.optim.AdamW's operations, in its order, so that float32 results are its own
-                if group["weight_decay"] != 0:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                m.lerp_(grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
-                step_size = group["lr"] / (1 - beta1**step)
-                if p.dtype == torch.float32:
-                    p.view(-1).addcdiv_(m, denom, value=-step_size)
-                else:
-                    p.copy_((p.float().view(-1).addcdiv_(m, denom, value=-step_size)).view_as(p).to(p.dtype))
+                lr, eps = group["lr"], group["eps"]
+                flat = p.view(-1) if p.dtype == torch.float32 else p.float().view(-1)
+                if group["weight_decay"] > 0:
+                    flat.mul_(1 - lr * group["weight_decay"])
+                if self.bits == 32:  # torch.optim.AdamW's operations, in its order: its results exactly
+                    m.lerp_(grad, 1 - beta1)
+                    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+                    flat.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+                else:  # bitsandbytes' AdamW8bit: its blockwise 8-bit update, and its 32-bit one for small tensors
+                    m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    correction1, correction2 = 1 - beta1**step, math.sqrt(1 - beta2**step)
+                    if quantized:
+                        flat.addcdiv_(m, (v.sqrt() / correction2).add_(eps), value=-lr / correction1)
+                    else:
+                        flat.add_(m / (v.sqrt() + eps * correction2), alpha=-lr * correction2 / correction1)
+                if flat.data_ptr() != p.data_ptr():
+                    p.copy_(flat.view_as(p).to(p.dtype))
                 if quantized:
                     self._store(work, m, v)
                 for k, t in work.items():
