@@ -187,3 +187,54 @@ def test_a_full_disk_while_logging_metrics_stops_with_the_checkpoints_intact(tin
     steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3, 4]
+
+
+def test_paged_optimizers_give_the_in_memory_adapters_through_the_command_line(tiny_chat_model_dir, tmp_path, capsys):
+    config = _yaml_config(tmp_path, tiny_chat_model_dir)
+    adapters = {}
+    for optimizer in ("adamw", "paged_adamw", "adamw8bit", "paged_adamw8bit"):
+        out = tmp_path / optimizer
+        assert main(["-q", "train", str(config), "--set", f"train.optimizer={optimizer}", "--set", "train.max_steps=3",
+                     "--set", "train.weight_decay=0.01", "--set", f"output_dir={out}"]) == 0
+        adapters[optimizer] = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert adapters["paged_adamw"] == adapters["adamw"] != adapters["adamw8bit"] == adapters["paged_adamw8bit"]
+
+
+def test_an_interrupted_demo_resumes_to_the_uninterrupted_result(tiny_chat_model_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import qlorafit.demo as demo
+    from qlorafit.config import build_config
+    from qlorafit.errors import QlorafitError, TrainingInterrupted
+    from tests.conftest import write_chat_jsonl
+
+    def small_config(out, steps):  # the demo's flow on the tiny model and a small task
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        write_chat_jsonl(out / "data" / "train.jsonl", 24)
+        write_chat_jsonl(out / "data" / "eval.jsonl", 4, seed=1)
+        return build_config({"model": str(tiny_chat_model_dir), "lora": {"r": 4, "alpha": 8},
+                             "data": {"train": str(out / "data" / "train.jsonl"), "eval": str(out / "data" / "eval.jsonl"),
+                                      "max_length": 64},
+                             "train": {"max_steps": steps, "batch_size": 4, "lr": 5e-3}, "output_dir": str(out / "run")})
+
+    monkeypatch.setattr(demo, "demo_config", small_config)
+    straight = demo.run_demo(tmp_path / "straight", steps=5)
+
+    def interrupt_at_2(row):
+        if row.get("step") == 2 and "loss" in row:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the step finishes, a checkpoint is saved
+
+    out = tmp_path / "cut"
+    with pytest.raises(TrainingInterrupted):
+        demo.run_demo(out, steps=5, on_log=interrupt_at_2)
+    with pytest.raises(QlorafitError, match="interrupted demo run"):
+        demo.run_demo(out, steps=5)
+    assert [p.name for p in (out / "run" / "checkpoints").iterdir()] == ["step-2"]
+    said = []
+    resumed = demo.run_demo(out, steps=5, resume=True, on_status=said.append)
+    assert not any("evaluating the base model" in s for s in said)  # its score is read back
+    assert resumed["before"] == straight["before"] and resumed["after"] == straight["after"]
+    a, b = (p / "run" / "adapter" / "adapter_model.safetensors" for p in (tmp_path / "straight", out))
+    assert a.read_bytes() == b.read_bytes()

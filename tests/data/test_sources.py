@@ -123,3 +123,14 @@ def test_a_run_trains_on_a_weighted_mix_with_a_held_out_fraction(tiny_chat_model
     with pytest.raises(DataError, match=r"qa\.parquet: row 1: record with keys prompt is not in one of the formats"):
         run_training(build_config(tree))
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("form", ["jsonl", "json-array", "json-lines", "parquet", "csv", "tsv", "arrow", "saved"])
+def test_a_bad_record_in_any_form_is_located(tmp_path, form):
+    rows = [dict(r) for r in ROWS]
+    rows[2]["completion"] = "  "  # the third record
+    path = _write_every_form(tmp_path, rows)[form]
+    where = {"jsonl": ":3", "json-lines": ": record 3", "json-array": ": record 3"}.get(form, ": row 3")
+    with pytest.raises(DataError) as exc:
+        read_records(path)
+    assert str(exc.value).startswith(f"{path}{where}: 'completion' is empty"), str(exc.value)

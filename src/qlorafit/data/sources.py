@@ -145,7 +145,7 @@ def read_source(source: Source) -> list[Record]:
         if found is None or (found != fmt and not has_format_keys(raw, fmt)):
             keys = ", ".join(sorted(map(str, raw))) or "(none)"
             expected = f"format {fmt!r}" if fmt != "auto" else f"one of the formats {', '.join(FORMATS)}"
-            raise DataError(f"{where}: record with keys {keys} is not in {expected}; see docs/config.md#data, or map your "
+            raise DataError(f"{where}: record with keys {keys} is not in {expected}; see docs/data.md, or map your "
                             "column names with the source's fields")
         records.append(to_record(raw, fmt, where))
     if not records:
