@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 import time
@@ -103,8 +104,6 @@ def _load(args: argparse.Namespace):
 
 def _torchrun(args: argparse.Namespace) -> None:
     """Replace this process by torchrun's launcher running the same `train` on `--nproc` processes."""
-    import os
-
     from .train.distributed import torchrun_command
 
     argv = (["-v"] if args.verbose else []) + (["-q"] if args.quiet else []) + \
@@ -458,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         preload_allocator(sys.argv[1:], args.allocator)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        with progress.reporting(not args.quiet):
+        with progress.reporting(not args.quiet and os.environ.get("RANK", "0") == "0"):  # rank 0 alone reports
             args.func(args)
     except TrainingInterrupted as exc:
         from .train.distributed import is_main_process

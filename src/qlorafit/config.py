@@ -252,7 +252,7 @@ def fingerprint(config: RunConfig) -> dict[str, Any]:
         if isinstance(node, dict):
             for key, value in node.items():
                 walk(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
-        elif prefix not in _NOT_RESULTS:
+        elif prefix not in _NOT_RESULTS and not prefix.startswith("data.eval."):
             flat[prefix] = node
 
     walk(config.model_dump(), "")
@@ -264,7 +264,8 @@ def fingerprint(config: RunConfig) -> dict[str, Any]:
         path = Path(source.path).expanduser()
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
         for file in files:
-            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+            if path.is_dir():
+                digest.update(str(file.relative_to(path)).encode())
             with open(file, "rb") as f:
                 for chunk in iter(lambda f=f: f.read(1 << 20), b""):
                     digest.update(chunk)

@@ -63,6 +63,11 @@ def test_fields_map_column_names_for_plain_and_chat_records(tmp_path):
     assert records[0].messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     with pytest.raises(DataError, match=r"qa\.parquet: row 1: has no field 'query' \(fields: prompt -> query\)"):
         read_source(Source(str(tmp_path / "qa.parquet"), fields={"prompt": "query", "completion": "answer"}))
+    # two names from one column, and a column named like one of ours
+    table = datasets.Dataset.from_list([{"q": "both", "prompt": "the answer"}])
+    table.to_parquet(str(tmp_path / "crossed.parquet"))
+    records = read_source(Source(str(tmp_path / "crossed.parquet"), fields={"prompt": "q", "completion": "prompt"}))
+    assert _same(records) == [("both", "the answer")]
     with pytest.raises(DataError, match="fields maps unknown name"):
         read_source(Source(str(tmp_path / "qa.parquet"), fields={"question": "prompt"}))
 
@@ -92,14 +97,22 @@ def test_hub_names_are_refused_offline_and_missing_paths_are_named(tmp_path, mon
 
 def test_weights_mix_sources_deterministically(tmp_path):
     paths = _write_every_form(tmp_path, ROWS)
-    mixed = read_sources([Source(paths["jsonl"], weight=2), Source(paths["parquet"], weight=0.5)], seed=3)
-    assert len(mixed) == 12 + 3
+    sources = [Source(paths["jsonl"], weight=2), Source(paths["parquet"], weight=0.5)]
+    mixed, held = read_sources(sources, seed=3)
+    assert len(mixed) == 12 + 3 and held == []
     assert _same(mixed[:12]) == _same(read_records(paths["jsonl"])) * 2
-    again = read_sources([Source(paths["jsonl"], weight=2), Source(paths["parquet"], weight=0.5)], seed=3)
-    other = read_sources([Source(paths["jsonl"], weight=2), Source(paths["parquet"], weight=0.5)], seed=4)
+    again, _ = read_sources(sources, seed=3)
+    other, _ = read_sources(sources, seed=4)
     assert _same(again) == _same(mixed) and _same(other[12:]) != _same(mixed[12:])
     train, held = hold_out(mixed, 0.2, seed=0)
     assert len(held) == 3 and len(train) == 12 and _same(hold_out(mixed, 0.2, seed=0)[1]) == _same(held)
+    # held out before weighting: a record repeated for training is never also an eval record
+    train, held = read_sources(sources, seed=3, eval_fraction=0.25)
+    assert len(held) == 3 and not {id(r) for r in held} & {id(r) for r in train}
+    from_jsonl = sum(r.source.startswith(paths["jsonl"]) for r in held)
+    assert len(train) == 2 * (6 - from_jsonl) + round(0.5 * (6 - (3 - from_jsonl)))  # the rest of each, weighted
+    with pytest.raises(DataError, match="weight 0.05 of 6 records gives none"):
+        read_sources([Source(paths["jsonl"], weight=0.05)])
 
 
 def test_a_run_trains_on_a_weighted_mix_with_a_held_out_fraction(tiny_chat_model_dir, tmp_path):
@@ -134,3 +147,8 @@ def test_a_bad_record_in_any_form_is_located(tmp_path, form):
     with pytest.raises(DataError) as exc:
         read_records(path)
     assert str(exc.value).startswith(f"{path}{where}: 'completion' is empty"), str(exc.value)
+
+
+def test_csv_cells_stay_text_as_written(tmp_path):
+    (tmp_path / "t.csv").write_text('prompt,completion\nwhat is 6*7,42\nsay null,NA\n0,"007"\n')
+    assert _same(read_records(tmp_path / "t.csv")) == [("what is 6*7", "42"), ("say null", "NA"), ("0", "007")]

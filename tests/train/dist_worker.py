@@ -65,7 +65,7 @@ def main() -> int:
     torch.set_num_threads(1)
     if spec["world"] > 1:
         dist.init_process_group("gloo", init_method=f"file://{spec['store']}", rank=rank, world_size=spec["world"],
-                                timeout=datetime.timedelta(seconds=spec.get("timeout", 60)))
+                                timeout=datetime.timedelta(seconds=spec.get("timeout", 300)))
     _faults(spec, rank)
     _report_shards(spec, rank)
     try:

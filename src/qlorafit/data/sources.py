@@ -73,7 +73,7 @@ def _table_rows(source: Source) -> tuple[list[dict], str]:
             if suffix == ".arrow":
                 return datasets.Dataset.from_file(str(path), in_memory=True).to_list(), "row"
             if suffix in _DATASETS_FILES:
-                kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+                kwargs = _csv_as_text(path, "\t" if suffix == ".tsv" else ",") if suffix in (".csv", ".tsv") else {}
                 loaded = datasets.load_dataset(_DATASETS_FILES[suffix], data_files=str(path), split="train",
                                                cache_dir=cache, keep_in_memory=True, **kwargs)
                 return loaded.to_list(), _ROW_KIND[suffix]
@@ -96,17 +96,28 @@ def _table_rows(source: Source) -> tuple[list[dict], str]:
                     "file, a datasets folder, or a hub name (user/name) when online")
 
 
+def _csv_as_text(path: Path, delimiter: str) -> dict:
+    """read_csv settings that keep every cell as written: text columns ("42" stays a string) and
+    no NA guessing ("NA", "null" stay words)."""
+    import csv
+
+    import datasets
+
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f, delimiter=delimiter), [])
+    return {"delimiter": delimiter, "keep_default_na": False, "na_filter": False,
+            "features": datasets.Features({name: datasets.Value("string") for name in header})}
+
+
 def _rename(row: dict, fields: dict[str, str], where: str) -> dict:
     """The row with the source's column names replaced by the names qlorafit expects."""
-    out = dict(row)
-    for ours, theirs in fields.items():
-        if ours in TURN_FIELDS:
-            continue
+    plain = {ours: theirs for ours, theirs in fields.items() if ours not in TURN_FIELDS}
+    for ours, theirs in plain.items():
         if theirs not in row:
             raise DataError(f"{where}: has no field {theirs!r} (fields: {ours} -> {theirs}); its fields are "
                             f"{', '.join(map(str, row)) or '(none)'}")
-        out.pop(theirs)
-        out[ours] = row[theirs]
+    out = {k: v for k, v in row.items() if k not in set(plain.values())}
+    out.update({ours: row[theirs] for ours, theirs in plain.items()})
     turn_map = {theirs: ours for ours, theirs in fields.items() if ours in TURN_FIELDS}
     if turn_map:
         for key in ("messages", "conversations"):
@@ -160,16 +171,32 @@ def weighted(records: list[Record], weight: float, seed: int) -> list[Record]:
         raise DataError(f"a source weight must be positive, got {weight}")
     whole, fraction = int(weight), weight - int(weight)
     extra = round(fraction * len(records))
+    if records and whole == 0 and extra == 0:
+        raise DataError(f"{records[0].source.rsplit(':', 1)[0]}: weight {weight} of {len(records)} records gives none; "
+                        "raise the weight or remove the source")
     sample = random.Random(seed).sample(records, extra) if extra else []
     return records * whole + sample
 
 
-def read_sources(sources: list[Source], seed: int = 0) -> list[Record]:
-    """The records of every source, each weighted, in source order."""
+def read_sources(sources: list[Source], seed: int = 0, eval_fraction: float = 0.0
+                 ) -> tuple[list[Record], list[Record]]:
+    """(the records of every source, each weighted, in source order; the held-out records).
+
+    With `eval_fraction` a seeded share of the records, before weighting, is held out: a record
+    repeated by a weight above 1 is never both trained and evaluated on.
+    """
+    per_source = [read_source(source) for source in sources]
+    held: list[Record] = []
+    if eval_fraction:
+        tagged = [(i, r) for i, records in enumerate(per_source) for r in records]
+        kept, held_tagged = hold_out(tagged, eval_fraction, seed)
+        per_source = [[r for i, r in kept if i == k] for k in range(len(sources))]
+        held = [r for _, r in held_tagged]
     out: list[Record] = []
-    for i, source in enumerate(sources):
-        out += weighted(read_source(source), source.weight, seed * 1_000_003 + i)
-    return out
+    for i, (source, records) in enumerate(zip(sources, per_source, strict=True)):
+        if records:
+            out += weighted(records, source.weight, seed * 1_000_003 + i)
+    return out, held
 
 
 def _source(item, fmt: str) -> Source:
@@ -183,12 +210,11 @@ def read_data(data, seed: int) -> tuple[list[Record], list[Record] | None, str, 
     """(train records, eval records or None, and names for them) as a DataConfig describes: one
     source or a weighted list, and a data.eval source or a seeded data.eval_fraction held out."""
     sources = [_source(s, data.format) for s in (data.train if isinstance(data.train, list) else [data.train])]
-    train = read_sources(sources, seed)
-    train_name = sources[0].path if len(sources) == 1 else f"{len(sources)} sources"
     if data.eval is not None and data.eval_fraction:
         raise DataError("data.eval and data.eval_fraction both given: use one way of choosing the eval records")
+    train, held = read_sources(sources, seed, data.eval_fraction)
+    train_name = sources[0].path if len(sources) == 1 else f"{len(sources)} sources"
     if data.eval_fraction:
-        train, held = hold_out(train, data.eval_fraction, seed)
         return train, held, train_name, f"{data.eval_fraction:g} of {train_name}"
     if data.eval is None:
         return train, None, train_name, None
@@ -196,7 +222,7 @@ def read_data(data, seed: int) -> tuple[list[Record], list[Record] | None, str, 
     return train, read_source(source), train_name, source.path
 
 
-def hold_out(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+def hold_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, eval): a seeded `fraction` of the records held out for evaluation (at least one)."""
     if not 0 < fraction < 1:
         raise DataError(f"data.eval_fraction must be between 0 and 1, got {fraction}")

@@ -129,7 +129,9 @@ class _Streamer:
         """Hand over the layers whose last tensors never came (checked for completeness after)."""
         for layer_name in list(self.pending):
             del self.pending[layer_name]
-            self.on_layer(layer_name, self.model.get_submodule(layer_name))
+            layer = self.model.get_submodule(layer_name)
+            if _loaded(layer):  # a layer still missing weights is reported by the completeness check
+                self.on_layer(layer_name, layer)
 
     def _put_quantized(self, module_name: str, attr: str, tensor: torch.Tensor) -> None:
         module = self.model.get_submodule(module_name)
@@ -219,7 +221,7 @@ def load_model(
         used = _load_prequantized(model, source, dtype, device)
         streamer.targets = set()  # everything else is stored as it is
     layout = CheckpointLayout(model, str(source.path))
-    with task(f"loading {source.name}", len(dict(model.named_parameters())) - len(used), "tensor") as bar:
+    with task(f"loading {source.name}", None if used else len(dict(model.named_parameters())), "tensor") as bar:
         for key, tensor, file in source.tensors(model, skip=used):
             for name, converted in layout.convert(key, tensor):
                 streamer.put(name, converted, file)

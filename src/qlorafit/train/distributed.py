@@ -111,6 +111,10 @@ class Local:
     def barrier(self) -> None:
         pass
 
+    def broadcast(self, value: T) -> T:
+        """Rank 0's `value` on every rank."""
+        return value
+
     def check_same(self, digest: str, what: str) -> None:
         """Refuse to go on when the ranks' `digest`s (see `digest_of`) of `what` differ."""
 
@@ -187,7 +191,10 @@ class Group(Local):
     def call(self, collective, *args, **kwargs):
         """A collective; a rank that failed or stopped answering becomes a DistributedError."""
         try:
-            return collective(*args, **kwargs)
+            result = collective(*args, **kwargs)
+            if self.device.type == "cuda":  # NCCL returns at once: a failure shows when the work is waited on
+                torch.cuda.synchronize(self.device)
+            return result
         except RuntimeError as exc:  # DistBackendError and gloo's timeouts are RuntimeErrors
             raise DistributedError(
                 f"rank {self.rank} of {self.size}: another rank failed or stopped answering within "
@@ -239,6 +246,11 @@ class Group(Local):
 
     def barrier(self) -> None:
         self.call(dist.barrier)
+
+    def broadcast(self, value: T) -> T:
+        box = [value]
+        self.call(dist.broadcast_object_list, box, src=0)
+        return box[0]
 
     def check_same(self, digest: str, what: str) -> None:
         digests = [None] * self.size
@@ -306,7 +318,11 @@ def init_world(timeout_s: float = 600.0) -> Local:
     if owned:
         cuda = torch.cuda.is_available()
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if local >= torch.cuda.device_count():
+                raise DistributedError(f"process {local} of this machine has no GPU of its own ({torch.cuda.device_count()} "
+                                       "GPUs here): start at most one process per GPU (--nproc / --nproc_per_node)")
+            torch.cuda.set_device(local)
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
     world = Group(timeout_s, owned)

@@ -31,7 +31,8 @@ from .plot import plot_losses
 from .tracking import Trackers, check_installed
 
 logger = logging.getLogger(__name__)
-_RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter", "loss.png", "summary.json", "optimizer-pages")
+_RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "adapter", "loss.png", "summary.json", "optimizer-pages",
+              "tensorboard", "mlruns", "wandb")
 
 
 def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -153,7 +154,8 @@ def _run(config: RunConfig, resume: bool, overwrite: bool, on_log, world, allow_
     train_records, eval_records, train_name, eval_name = read_data(d, config.train.seed)  # bad data: nothing written
     world.on_main(lambda: prepare_output_dir(out, resume, overwrite))
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))  # sharing this machine's memory
-    strategy = choose_strategy(config, world.size, processes) if world.size > 1 else "single"
+    strategy = world.broadcast(choose_strategy(config, world.size, processes) if world.main else None) \
+        if world.size > 1 else "single"  # rank 0 decides: the ranks' free memory differs
     # every rank hashes each decoder layer as it loads (and under fsdp keeps only its shard)
     layers = LayerSharder(world.device, world.size, shard=strategy == "fsdp") if world.size > 1 else None
     torch.manual_seed(config.train.seed)
@@ -170,7 +172,7 @@ def _run(config: RunConfig, resume: bool, overwrite: bool, on_log, world, allow_
         world.lockstep = strategy == "fsdp"  # every rank joins every gather of the sharded codes
         local, total = code_bytes(model)
         logger.info("%s: this rank holds %.1f of %.1f MiB of 4-bit codes", strategy, local / 2**20, total / 2**20)
-    mode = use_grad_checkpointing(config, model, processes)
+    mode = world.broadcast(use_grad_checkpointing(config, model, processes) if world.main else None)
     if mode != "off":
         enable_grad_checkpointing(model, selective=mode == "selective")
     train_data = load_dataset(train_records, tokenizer, max_length=d.max_length, train_on=d.train_on, name=train_name)

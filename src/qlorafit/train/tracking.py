@@ -92,8 +92,12 @@ class _MLflow:
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "qlorafit"))
         self.run = mlflow.start_run(run_name=output_dir.name)
         params = flat_config(config)
-        for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
-            mlflow.log_params(dict(list(params.items())[start : start + 100]))
+        try:
+            for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
+                mlflow.log_params(dict(list(params.items())[start : start + 100]))
+        except Exception:
+            mlflow.end_run(status="FAILED")
+            raise
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.mlflow.log_metrics(values, step=step)
