@@ -51,7 +51,7 @@ def _records(data: str, n: int) -> list[dict]:
 def _qlorafit(data: str, n: int, batch: int, max_new: int, device: str, dtype: str, model_dir: str):
     """Load; then (tokenizer, a function that answers the prompts)."""
     from qlorafit import load_model
-    from qlorafit.data.records import read_records
+    from qlorafit.data.sources import read_records
     from qlorafit.evaluate import exact_match
 
     model, tok = load_model("smollm2-135m-instruct", quant="nf4", compute_dtype=dtype, device=device)

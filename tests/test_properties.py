@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from qlorafit.cli import build_parser, main
 from qlorafit.config import ConfigError, load_config, parse_override, schema_keys
-from qlorafit.data.records import FORMATS, detect_format, has_format_keys, read_records
+from qlorafit.data.records import FORMATS, detect_format, has_format_keys
 from qlorafit.data.render import tokenize_record, truncate
+from qlorafit.data.sources import read_records
 from qlorafit.errors import QlorafitError
 from tests.conftest import byte_tokenizer
 

@@ -161,7 +161,7 @@ def run_summary(s: dict) -> str:
 
 def _eval(args: argparse.Namespace) -> None:
     from .data.dataset import load_dataset
-    from .data.records import read_records
+    from .data.sources import read_records
     from .evaluate import eval_loss, exact_match, write_predictions
 
     model, tokenizer = _load(args)

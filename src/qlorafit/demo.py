@@ -108,7 +108,7 @@ def run_demo(out: Path, steps: int = 25, on_status: Callable[[str], None] = lamb
     A demo interrupted during training continues with `resume` (the base model's score is read
     back); running it again without `resume` or `overwrite` is refused rather than deleting it.
     """
-    from .data.records import read_records
+    from .data.sources import read_records
     from .evaluate import exact_match, write_predictions
     from .lora.peft_io import load_adapter
     from .models.load import load_model

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qlorafit.data.records import read_records
+from qlorafit.data.sources import read_records
 from qlorafit.errors import DataError
 
 

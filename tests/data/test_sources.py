@@ -9,8 +9,7 @@ import datasets
 import pytest
 
 from qlorafit.config import build_config
-from qlorafit.data.records import read_records
-from qlorafit.data.sources import Source, hold_out, read_source, read_sources
+from qlorafit.data.sources import Source, hold_out, read_records, read_source, read_sources
 from qlorafit.errors import DataError
 from qlorafit.train.run import run_training
 

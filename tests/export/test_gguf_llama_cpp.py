@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import qlorafit
-from qlorafit.data.records import read_records
+from qlorafit.data.sources import read_records
 from qlorafit.demo import write_demo_data
 from qlorafit.export.gguf import export_gguf
 from qlorafit.export.gguf_lora import export_lora_gguf

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..progress import task
-from .records import Record, read_records
+from .records import Record
 from .render import Example, tokenize_record, truncate
+from .sources import read_records
 
 logger = logging.getLogger(__name__)
 

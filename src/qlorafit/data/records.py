@@ -1,4 +1,4 @@
-"""Reading JSONL training records and bringing every known format to one shape.
+"""Training records: reading JSONL lines and bringing every known format to one shape.
 
 Formats, detected per file from its first record (or forced with `format=`):
 
@@ -124,16 +124,6 @@ def read_jsonl_rows(path: str | Path) -> list[tuple[str, dict]]:
             raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
         rows.append((where, raw))
     return rows
-
-
-def read_records(path: str | Path, fmt: str = "auto") -> list[Record]:
-    """Every record of a data file (JSONL, JSON, Parquet, CSV/TSV, Arrow, a datasets folder) as a
-    Record; any bad record raises DataError with its line or row (see `sources.py`)."""
-    from .sources import Source, read_source
-
-    if fmt != "auto" and fmt not in FORMATS:
-        raise DataError(f"unknown data format {fmt!r}: use auto or one of {', '.join(FORMATS)}")
-    return read_source(Source(str(path), fmt))
 
 
 def has_format_keys(raw: dict, fmt: str) -> bool:

@@ -164,6 +164,14 @@ def read_source(source: Source) -> list[Record]:
     return records
 
 
+def read_records(path: str | Path, fmt: str = "auto") -> list[Record]:
+    """Every record of a data file (JSONL, JSON, Parquet, CSV/TSV, Arrow, a datasets folder) as a
+    Record; any bad record raises DataError with its line or row."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r}: use auto or one of {', '.join(FORMATS)}")
+    return read_source(Source(str(path), fmt))
+
+
 def weighted(records: list[Record], weight: float, seed: int) -> list[Record]:
     """round(weight x n) of the records: all of them repeated floor(weight) times, plus a seeded
     sample for the fraction."""
