@@ -21,7 +21,9 @@ from pathlib import Path
 
 from ..errors import DataError
 
-FORMATS = ("messages", "sharegpt", "alpaca", "completion", "text")
+_FORMAT_KEYS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+                "completion": ("prompt", "completion"), "text": ("text",)}
+FORMATS = tuple(_FORMAT_KEYS)  # also the order of precedence when a record has the keys of several
 ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -38,18 +40,8 @@ class Record:
 
 
 def detect_format(record: dict) -> str | None:
-    """The format a record is in, or None when it is in none of them."""
-    if "messages" in record:
-        return "messages"
-    if "conversations" in record:
-        return "sharegpt"
-    if "instruction" in record and "output" in record:
-        return "alpaca"
-    if "prompt" in record and "completion" in record:
-        return "completion"
-    if "text" in record:
-        return "text"
-    return None
+    """The first format, in FORMATS' order, whose keys the record has; None when it has none's."""
+    return next((fmt for fmt in FORMATS if has_format_keys(record, fmt)), None)
 
 
 def _string(value, where: str, key: str) -> str:
@@ -128,6 +120,4 @@ def read_jsonl_rows(path: str | Path) -> list[tuple[str, dict]]:
 
 def has_format_keys(raw: dict, fmt: str) -> bool:
     """Whether `raw` has every key format `fmt` needs."""
-    keys = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
-            "completion": ("prompt", "completion"), "text": ("text",)}[fmt]
-    return all(k in raw for k in keys)
+    return all(k in raw for k in _FORMAT_KEYS[fmt])
