@@ -242,20 +242,24 @@ _NOT_RESULTS = {"output_dir", "report_to", "allow_pickle", "trust_remote_code", 
                 "train.distributed_timeout"}
 
 
+def dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as one level of dotted keys ({"train": {"lr": 1}} -> {"train.lr": 1});
+    lists and other values are kept as they are."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def fingerprint(config: RunConfig) -> dict[str, Any]:
     """Everything that decides the adapter a run trains: the configuration's result keys (dotted
     names; a list of sources stays one key) and the sha256 of the training data files (not their
     paths: moving a file changes nothing). A run resumes exactly only under the same one."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
-        elif prefix not in _NOT_RESULTS and not prefix.startswith("data.eval."):
-            flat[prefix] = node
-
-    walk(config.model_dump(), "")
+    flat = {k: v for k, v in dotted(config.model_dump()).items()
+            if k not in _NOT_RESULTS and not k.startswith("data.eval.")}
     sources = config.data.train if isinstance(config.data.train, list) else [SourceConfig(path=config.data.train)]
     if isinstance(config.data.train, list):  # how each source is read and weighted, not where it lies
         flat["data.train (sources)"] = [s.model_dump(exclude={"path"}) for s in sources]

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..config import dotted
 from ..errors import QlorafitError
 
 BACKENDS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # backend: module it needs
@@ -52,16 +53,9 @@ def scalars(row: dict) -> dict[str, float]:
     return out
 
 
-def flat_config(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested configuration as dotted keys with scalar values (lists as text)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flat_config(value, name + "."))
-        else:
-            out[name] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-    return out
+def flat_config(tree: dict) -> dict[str, Any]:
+    """The configuration as dotted keys with scalar values (lists as text), as trackers take them."""
+    return {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in dotted(tree).items()}
 
 
 class _TensorBoard:
