@@ -2,7 +2,7 @@
 
 `output_dir/checkpoints/step-N/` holds the adapter (PEFT layout), `state.pt` (optimizer and
 scheduler state, RNG states, the data position) and `manifest.json` (size and sha256 of each
-file). A checkpoint is written under a temporary name, synced, then renamed, so a folder named
+file, and the run's fingerprint for `--resume` to compare). A checkpoint is written under a temporary name, synced, then renamed, so a folder named
 `step-N` is always complete; the newest one whose manifest verifies is the one resumed from.
 Only files this module wrote are read back, with `torch.load(weights_only=True)`.
 """
@@ -92,10 +92,11 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, position: Position,
     try:
         save_adapter(model, tmp)
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_state(), "position": asdict(position), "fingerprint": fingerprint}
+                 "rng": rng_state(), "position": asdict(position)}
         torch.save(state, tmp / "state.pt")
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        (tmp / "manifest.json").write_text(json.dumps({"step": position.step, "files": files}, indent=2))
+        manifest = {"step": position.step, "files": files, "fingerprint": fingerprint}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         _fsync_tree(tmp)
         reached("checkpoint-write")  # a test may kill the process here: written, not yet renamed
         if final.exists():  # the same step again (a resumed run's final save): swap, never delete first
@@ -169,11 +170,11 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def read_fingerprint(folder: Path) -> dict | None:
-    """The fingerprint a checkpoint was saved with (None: none recorded)."""
+    """The fingerprint a checkpoint was saved with, from its manifest (None: none recorded)."""
     try:
-        return torch.load(folder / "state.pt", weights_only=True).get("fingerprint")
-    except Exception as exc:
-        raise CheckpointError(f"{folder / 'state.pt'}: cannot be read ({exc})") from exc
+        return json.loads((folder / "manifest.json").read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{folder / 'manifest.json'}: cannot be read ({exc})") from exc
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> Position:
