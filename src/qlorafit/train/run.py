@@ -84,6 +84,15 @@ def _kind(model) -> str:
     return "cuda" if next(model.parameters()).device.type == "cuda" else "cpu"
 
 
+def _plan(config: RunConfig, model_config, mode: str, kind: str, available: int, devices: int = 1):
+    """The planner's memory for this run's settings with checkpointing `mode`, data parallel on `devices`."""
+    return plan(shape_from_config(model_config), method="lora" if config.quant.type == "none" else "qlora",
+                batch=config.train.batch_size, seq=config.data.max_length, rank=config.lora.r,
+                optimizer=config.train.optimizer, grad_checkpointing=False if mode == "off" else mode, device=kind,
+                available=available, dropout=config.lora.dropout, double_quant=config.quant.double_quant,
+                blocksize=config.quant.blocksize, devices=devices, strategy="ddp")
+
+
 def use_grad_checkpointing(config: RunConfig, model, processes: int = 1) -> str:
     """"off", "full" or "selective": the config's choice; for `auto`, the least recomputation that
     fits (in a 1/`processes` share of this machine's memory on CPUs)."""
@@ -93,11 +102,7 @@ def use_grad_checkpointing(config: RunConfig, model, processes: int = 1) -> str:
     kind = _kind(model)
     available = _available(kind, processes)
     for mode in ("off", "selective"):
-        result = plan(shape_from_config(model.config), method="lora" if config.quant.type == "none" else "qlora",
-                      batch=config.train.batch_size, seq=config.data.max_length, rank=config.lora.r,
-                      optimizer=config.train.optimizer, grad_checkpointing=False if mode == "off" else mode,
-                      device=kind, available=available, dropout=config.lora.dropout,
-                      double_quant=config.quant.double_quant, blocksize=config.quant.blocksize)
+        result = _plan(config, model.config, mode, kind, available)
         logger.info("grad_checkpointing auto: %.2f GiB planned with %s, %.2f GiB available", result.total / 2**30,
                     mode, available / 2**30)
         if result.fits:
@@ -120,11 +125,7 @@ def choose_strategy(config: RunConfig, devices: int, processes: int) -> str:
     available = _available(kind, processes)
     gc = config.train.grad_checkpointing
     mode = "full" if gc in ("auto", True) else "off" if gc is False else gc
-    result = plan(shape_from_config(source.config), method="qlora", batch=config.train.batch_size,
-                  seq=config.data.max_length, rank=config.lora.r, optimizer=config.train.optimizer,
-                  grad_checkpointing=False if mode == "off" else mode, device=kind, available=available,
-                  dropout=config.lora.dropout, double_quant=config.quant.double_quant, blocksize=config.quant.blocksize,
-                  devices=devices, strategy="ddp")
+    result = _plan(config, source.config, mode, kind, available, devices)
     logger.info("distributed auto: %.2f GiB planned per device with ddp, %.2f GiB available", result.total / 2**30,
                 available / 2**30)
     return "ddp" if result.fits else "fsdp"
