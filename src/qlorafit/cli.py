@@ -72,13 +72,7 @@ class _CountBar:
         if not progress.enabled():
             return
         if self.bar is None:
-            if progress.on_terminal():
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
-            else:
-                self.bar = progress.Lines(self.desc, total, self.unit)
-            self.done = 0
+            self.bar, self.done = progress.display(self.desc, total, self.unit), 0
         self.bar.update(done - self.done)
         self.done = done
         if done >= total:

@@ -55,7 +55,7 @@ class _Bar:
     def __init__(self, description: str, total: int | None, unit: str) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False)
+        self.bar = tqdm(total=total, desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         self.bar.update(n)
@@ -68,7 +68,7 @@ def _plural(unit: str) -> str:
     return unit + ("es" if unit.endswith(("s", "x", "ch", "sh")) else "s")
 
 
-class Lines:
+class _Lines:
     """One line per LOG_STEP percent (and one at the end) when stderr is a log, not a terminal."""
 
     def __init__(self, description: str, total: int | None, unit: str) -> None:
@@ -92,13 +92,18 @@ class Lines:
               file=sys.stderr, flush=True)
 
 
+def display(description: str, total: int | None, unit: str):
+    """A bar on a terminal, log lines otherwise: `update(n)` and `close()` (shown even if not reporting)."""
+    return _Bar(description, total, unit) if on_terminal() else _Lines(description, total, unit)
+
+
 @contextlib.contextmanager
 def task(description: str, total: int | None = None, unit: str = "item"):
     """A long step of `total` `unit`s: yields an object whose `update(n=1)` counts progress."""
     if not _ENABLED.get():
         yield _Silent()
         return
-    shown = _Bar(description, total, unit) if on_terminal() else Lines(description, total, unit)
+    shown = display(description, total, unit)
     try:
         yield shown
     finally:

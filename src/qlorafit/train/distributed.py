@@ -147,12 +147,12 @@ class _GatheredSum(GradientSum):
     def __init__(self, params: list[nn.Parameter], group: Group) -> None:
         super().__init__(params)
         self.group = group
+        self.numel = sum(p.numel() for p in params)
         self.sum: torch.Tensor | None = None
 
     def add(self, index: int | None, loss: float | None) -> None:
         size, device = self.group.size, self.group.device
-        n = sum(p.numel() for p in self.params)
-        local = _flat_grads(self.params) if index is not None else torch.zeros(n, device=device)
+        local = _flat_grads(self.params) if index is not None else torch.zeros(self.numel, device=device)
         for p in self.params:
             p.grad = None
         meta = torch.tensor([-1.0 if index is None else float(index), 0.0 if loss is None else loss],
